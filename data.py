@@ -1,0 +1,733 @@
+"""Data stage of DSM: which frames make a clip, read from video files or drawn on the fly.
+
+Implements the input side of the paper's Methodology and Implementation Details:
+  * a clip is T = 16 frames at temporal stride 4 ("Default Settings"), its indices looping past
+    the end of the video;
+  * Temporal Shift (Eq. 4): the negative n takes the frames tau later than the anchor a,
+    tau ~ U[alpha1, alpha2], looping from the beginning when it runs past the end;
+  * the fine-tuning test protocol: K = 10 clips spaced uniformly over each video;
+  * the split files of UCF101, HMDB51, Kinetics-400 and plain lists (DESIGN section 5);
+  * PyAV decoding that opens a file once and decodes only up to the frames a sample needs;
+  * the built-in synthetic scene/motion dataset (DESIGN section 6): the classes are motions,
+    the scenes are backgrounds that agree with the class only in the training split.
+
+Augmentation comes after this stage (augment.py): ClipDataset takes it as a callable
+`transform(clip, shifted, rng)` on uint8 `(T, H, W, 3)` arrays.
+
+    python data.py make-synthetic OUT      # the synthetic dataset as UCF101-style files
+    python data.py make-synthetic --help   # sizes, seed, scene bias
+"""
+import argparse
+import csv
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+from tqdm import tqdm
+
+DATASETS = ("synthetic", "ucf101", "hmdb51", "kinetics", "list")
+
+# Temporal-shift bounds (alpha1, alpha2) in frames (paper, Default Settings): Kinetics videos are
+# longer, so their shift is larger.
+SHIFT_DEFAULTS: dict[str, tuple[int, int]] = {
+    "synthetic": (2, 20), "ucf101": (2, 20), "hmdb51": (2, 20), "list": (2, 20), "kinetics": (4, 30),
+}
+
+MAX_BAD_IN_A_ROW = 20     # consecutive bad videos before a sample gives up
+SEEK_AFTER_SECONDS = 2.0  # closer to the start than this, decoding from frame 0 beats a seek
+END_SLACK = 3             # headers that over-count by this many frames are padded, not "truncated"
+
+
+def short_side_for(size: int) -> int:
+    """Short side to decode at for a crop of `size` (the usual 8/7: 128 for 112, 256 for 224)."""
+    return round(size * 8 / 7)
+
+
+# ---- which frames: clips, temporal shift, test clips --------------------------------------
+
+def temporal_indices(num_frames: int, start: int, clip_len: int, stride: int) -> list[int]:
+    """Indices start, start+stride, ... of a clip, looping from the beginning past the end."""
+    assert num_frames > 0 and clip_len > 0 and stride > 0, (num_frames, clip_len, stride)
+    return [(start + k * stride) % num_frames for k in range(clip_len)]
+
+
+def sample_shift(rng: np.random.Generator, alpha1: int, alpha2: int) -> int:
+    """tau ~ U[alpha1, alpha2], an integer number of frames, both ends included (Eq. 4)."""
+    if not 0 <= alpha1 <= alpha2:
+        raise ValueError(f"temporal shift needs 0 <= alpha1 <= alpha2, got ({alpha1}, {alpha2})")
+    return int(rng.integers(alpha1, alpha2 + 1))
+
+
+def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
+    """Starts of the K test clips, spaced uniformly over the video.
+
+    A clip covers span = (clip_len - 1) * stride + 1 frames, so valid starts are
+    [0, num_frames - span]. Clip k starts at the centre of the k-th of K equal parts of that
+    range (K = 1 is the central clip). A video shorter than one span has no start but 0: all
+    K clips start at frame 0 and loop, i.e. the same clip K times.
+    """
+    assert num_frames > 0 and num_clips > 0, (num_frames, num_clips)
+    free = max(num_frames - ((clip_len - 1) * stride + 1), 0)
+    return [(2 * k + 1) * free // (2 * num_clips) for k in range(num_clips)]
+
+
+# ---- which videos: split files ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VideoRecord:
+    path: str
+    label: int  # 0-based
+
+
+def _lines(path: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; the official files mix CRLF and LF."""
+    with open(path, encoding="utf-8") as f:
+        return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _pair(text: str, where: str, at_first_space: bool = False) -> tuple[str, str]:
+    """'A B' split at its last (or first) space; a clear error for a line without two fields."""
+    parts = text.split(maxsplit=1) if at_first_space else text.rsplit(maxsplit=1)
+    if len(parts) != 2:
+        raise ValueError(f"{where}: expected two fields, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _check_split(split: int) -> None:
+    if split not in (1, 2, 3):
+        raise ValueError(f"split must be 1, 2 or 3, got {split}")
+
+
+def read_ucf101(root: str, split_dir: str, split: int, train: bool) -> tuple[list[VideoRecord], list[str]]:
+    """UCF101: classInd.txt '1 ApplyEyeMakeup'; trainlist0S.txt 'Class/v_..avi 1'; testlist0S.txt 'Class/v_..avi'."""
+    _check_split(split)
+    class_file = os.path.join(split_dir, "classInd.txt")
+    pairs = [_pair(text, f"{class_file}:{n}", at_first_space=True) for n, text in _lines(class_file)]
+    numbered = sorted((int(num), name) for num, name in pairs)
+    if [num for num, _ in numbered] != list(range(1, len(numbered) + 1)):
+        raise ValueError(f"{class_file}: class numbers are not 1..{len(numbered)}")
+    classes = [name for _, name in numbered]
+    index = {name: k for k, name in enumerate(classes)}
+    list_file = os.path.join(split_dir, f"{'train' if train else 'test'}list0{split}.txt")
+    records = []
+    for n, text in _lines(list_file):
+        rel, *given = text.split()
+        cls = rel.split("/")[0]
+        if cls not in index:
+            raise ValueError(f"{list_file}:{n}: class folder {cls!r} is not in {class_file}")
+        if given and int(given[0]) - 1 != index[cls]:
+            raise ValueError(f"{list_file}:{n}: label {given[0]} disagrees with classInd's {index[cls] + 1} for {cls}")
+        records.append(VideoRecord(os.path.join(root, rel), index[cls]))
+    return records, classes
+
+
+def read_hmdb51(root: str, split_dir: str, split: int, train: bool) -> tuple[list[VideoRecord], list[str]]:
+    """HMDB51: <class>_test_split<S>.txt lines '<name>.avi T', T = 1 train, 2 test, 0 unused."""
+    _check_split(split)
+    pattern = re.compile(rf"^(.+)_test_split{split}\.txt$")
+    classes = sorted(m.group(1) for m in map(pattern.match, os.listdir(split_dir)) if m)
+    if not classes:
+        raise FileNotFoundError(f"no *_test_split{split}.txt files in {split_dir}")
+    wanted = "1" if train else "2"
+    records = []
+    for label, cls in enumerate(classes):
+        split_file = os.path.join(split_dir, f"{cls}_test_split{split}.txt")
+        for n, text in _lines(split_file):
+            name, tag = _pair(text, f"{split_file}:{n}")
+            if tag not in ("0", "1", "2"):
+                raise ValueError(f"{split_file}:{n}: split tag {tag!r} is not 0, 1 or 2")
+            if tag == wanted:
+                records.append(VideoRecord(os.path.join(root, cls, name), label))
+    return records, classes
+
+
+def _kinetics_path(root: str, row: dict[str, str]) -> str:
+    """The first of ROOT/<split>/<label>/<id>_<start:06d>_<end:06d>.mp4 or <id>.mp4 that exists
+    (label folders with spaces or underscores); the canonical name when none does."""
+    stem = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
+    candidates = [os.path.join(root, row["split"], folder, name + ".mp4")
+                  for folder in (row["label"], row["label"].replace(" ", "_"))
+                  for name in (stem, row["youtube_id"])]
+    return next((path for path in candidates if os.path.exists(path)), candidates[0])
+
+
+def _kinetics_rows(csv_path: str) -> list[dict[str, str]]:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"label", "youtube_id", "time_start", "time_end", "split"} - set(rows[0] if rows else ())
+    if missing:
+        raise ValueError(f"{csv_path}: missing columns {sorted(missing)}")
+    return rows
+
+
+def read_kinetics(root: str, csv_path: str, train: bool,
+                  classes: list[str] | None = None) -> tuple[list[VideoRecord], list[str]]:
+    """Kinetics-400 CSV 'label,youtube_id,time_start,time_end,split'; rows with split 'train', or
+    'val'/'validate'/'test' for train=False. Classes: `classes`, else the CSV's labels sorted."""
+    rows = _kinetics_rows(csv_path)
+    classes = classes or sorted({row["label"] for row in rows})
+    index = {name: k for k, name in enumerate(classes)}
+    keep = {"train"} if train else {"val", "validate", "test"}
+    records = []
+    for n, row in enumerate(rows, 2):
+        if row["split"] in keep:
+            if row["label"] not in index:
+                raise ValueError(f"{csv_path}:{n}: label {row['label']!r} is not a training class")
+            records.append(VideoRecord(_kinetics_path(root, row), index[row["label"]]))
+    return records, classes
+
+
+def read_list(root: str, list_file: str) -> tuple[list[VideoRecord], list[str]]:
+    """Plain list 'relative/path.mp4 LABEL' (0-based); class names are the numbers '0', '1', ..."""
+    records = []
+    for n, text in _lines(list_file):
+        rel, label = _pair(text, f"{list_file}:{n}")
+        if not label.isdigit():
+            raise ValueError(f"{list_file}:{n}: label {label!r} is not a non-negative integer")
+        records.append(VideoRecord(os.path.join(root, rel), int(label)))
+    classes = [str(k) for k in range(max((r.label for r in records), default=-1) + 1)]
+    return records, classes
+
+
+def build_records(dataset: str, root: str, split_dir: str, split: int,
+                  train: bool) -> tuple[list[VideoRecord], list[str]]:
+    """Records of one split, after checking that every video it names is on disk.
+
+    kinetics: SPLIT_DIR/train.csv, and validate.csv (official name) or val.csv; the classes are
+    always train.csv's. list: SPLIT_DIR/trainlist.txt or testlist.txt.
+    """
+    if dataset == "ucf101":
+        where = os.path.join(split_dir, f"{'train' if train else 'test'}list0{split}.txt")
+        records, classes = read_ucf101(root, split_dir, split, train)
+    elif dataset == "hmdb51":
+        where = os.path.join(split_dir, f"*_test_split{split}.txt")
+        records, classes = read_hmdb51(root, split_dir, split, train)
+    elif dataset == "kinetics":
+        train_csv = os.path.join(split_dir, "train.csv")
+        val_csvs = [os.path.join(split_dir, name) for name in ("validate.csv", "val.csv")]
+        where = train_csv if train else next((p for p in val_csvs if os.path.exists(p)), val_csvs[0])
+        classes = sorted({row["label"] for row in _kinetics_rows(train_csv)})
+        records, classes = read_kinetics(root, where, train, classes)
+    elif dataset == "list":
+        where = os.path.join(split_dir, "trainlist.txt" if train else "testlist.txt")
+        records, classes = read_list(root, where)
+    else:
+        raise ValueError(f"dataset {dataset!r} has no split files; choose from ucf101, hmdb51, kinetics, list")
+    if not records:
+        raise ValueError(f"{where} lists no videos for this split")
+    absent = [r.path for r in records if not os.path.exists(r.path)]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} of the {len(records)} videos in {where} are not on disk, "
+                                f"e.g. {', '.join(absent[:5])}")
+    return records, classes
+
+
+# ---- decoding video files -----------------------------------------------------------------
+
+class BadVideo(Exception):
+    """A video that cannot give the frames asked for; the message names the file and the reason."""
+
+
+class BadVideoWarning(UserWarning):
+    """Issued once per file and process when ClipDataset skips a bad video."""
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
+    return stream.average_rate or stream.guessed_rate or stream.base_rate
+
+
+def _count_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    """Frames in the stream: from the header, else duration x rate, else by decoding them all."""
+    if stream.frames > 0:
+        return stream.frames
+    rate = _frame_rate(stream)
+    if rate and stream.duration:
+        return round(float(stream.duration * stream.time_base * rate))
+    if rate and container.duration:
+        return round(container.duration / av.time_base * float(rate))
+    count = sum(1 for _ in container.decode(stream))
+    container.seek(stream.start_time or 0, stream=stream)
+    return count
+
+
+def _rgb(frame: av.VideoFrame, short_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 with the short side resized to `short_side`, aspect kept."""
+    scale = short_side / min(frame.width, frame.height)
+    return frame.to_ndarray(width=max(1, round(frame.width * scale)),
+                            height=max(1, round(frame.height * scale)), format="rgb24")
+
+
+def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+          wanted: list[int], num_frames: int, short_side: int, seeked: bool) -> dict[int, np.ndarray] | None:
+    """Decode forward from the current position and keep the frames `wanted` (sorted, unique).
+
+    A frame's index is its time stamp x frame rate. A wanted index that falls in a gap of the
+    time stamps gets the frame still on screen then. Returns None after a seek that landed past
+    the first wanted frame, and a dict without the frames past the end of a stream that stops
+    early, unless it stops within END_SLACK frames of the count in its header.
+    """
+    rate, start = _frame_rate(stream), stream.start_time or 0
+    frames_per_tick = float(stream.time_base * rate) if rate else 0.0
+    out: dict[int, np.ndarray] = {}
+    j, last, last_index = 0, None, -1
+    for count, frame in enumerate(container.decode(stream)):
+        if frame.pts is None or not rate:
+            if seeked:
+                return None
+            index = count
+        else:
+            index = round((frame.pts - start) * frames_per_tick)
+        if last is None and seeked and index > wanted[0]:
+            return None
+        while j < len(wanted) and wanted[j] <= index:
+            out[wanted[j]] = _rgb(frame if wanted[j] == index or last is None else last, short_side)
+            j += 1
+        if j == len(wanted):
+            return out
+        last, last_index = frame, index
+    if last is not None and last_index >= num_frames - 1 - END_SLACK:
+        out.update((k, _rgb(last, short_side)) for k in wanted[j:])
+    return out
+
+
+def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+            wanted: list[int], num_frames: int, short_side: int) -> dict[int, np.ndarray]:
+    """The frames `wanted`, seeking to the keyframe before the first one when it is far in."""
+    rate = _frame_rate(stream)
+    start = stream.start_time or 0
+    if rate and wanted[0] > SEEK_AFTER_SECONDS * rate:
+        container.seek(start + int(wanted[0] / (rate * stream.time_base)), stream=stream)
+        frames = _scan(container, stream, wanted, num_frames, short_side, seeked=True)
+        if frames is not None:
+            return frames
+        container.seek(start, stream=stream)  # the seek overshot: decode from the beginning
+    return _scan(container, stream, wanted, num_frames, short_side, seeked=False)
+
+
+class VideoFiles:
+    """A source of videos stored as files, decoded with PyAV."""
+
+    def __init__(self, records: list[VideoRecord], short_side: int, min_frames: int = 1):
+        if short_side < 1 or min_frames < 1:
+            raise ValueError(f"short_side and min_frames must be >= 1, got {short_side}, {min_frames}")
+        self.records, self.short_side, self.min_frames = list(records), short_side, min_frames
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def label(self, i: int) -> int:
+        return self.records[i].label
+
+    def name(self, i: int) -> str:
+        return self.records[i].path
+
+    def read(self, i: int, choose: Callable[[int], list[int]]) -> np.ndarray:
+        """uint8 (len(indices), H, W, 3) of the frames indices = choose(num_frames), in that order."""
+        path = self.records[i].path
+        if not os.path.isfile(path):
+            raise BadVideo(f"{path}: missing")
+        if os.path.getsize(path) == 0:
+            raise BadVideo(f"{path}: zero bytes")
+        try:
+            with av.open(path, metadata_errors="ignore") as container:
+                return self._read_open(container, path, choose)
+        except (av.FFmpegError, OSError) as error:
+            raise BadVideo(f"{path}: not a video or damaged ({error})") from error
+
+    def _read_open(self, container: av.container.InputContainer, path: str,
+                   choose: Callable[[int], list[int]]) -> np.ndarray:
+        if not container.streams.video:
+            raise BadVideo(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        num_frames = _count_frames(container, stream)
+        if num_frames < self.min_frames:
+            raise BadVideo(f"{path}: {num_frames} frames, fewer than the {self.min_frames} needed")
+        indices = choose(num_frames)
+        if not indices or not all(0 <= k < num_frames for k in indices):
+            raise ValueError(f"choose({num_frames}) gave indices outside [0, {num_frames}): {indices}")
+        frames = _decode(container, stream, sorted(set(indices)), num_frames, self.short_side)
+        lost = [k for k in indices if k not in frames]
+        if lost:
+            raise BadVideo(f"{path}: truncated, frame {min(lost)} of the {num_frames} in its header does not decode")
+        return np.stack([frames[k] for k in indices])
+
+
+# ---- the built-in synthetic scene/motion dataset (DESIGN section 6) ----------------------
+
+# Pairs that differ only in direction, so that no single frame tells the class apart.
+CLASSES = ("Left", "Right", "Up", "Down", "Clockwise", "Anticlockwise", "Grow", "Shrink")
+SCENES = ("HStripes", "VStripes", "Diagonals", "Checker", "Blobs", "Gradient", "Noise", "Rings")
+# Two colours per scene, every channel in [60, 200]: the object's black rim shows on all of them.
+PALETTES = np.array([
+    [[190, 80, 70], [200, 170, 150]], [[70, 120, 190], [160, 190, 200]],
+    [[80, 160, 80], [190, 200, 120]], [[180, 180, 180], [90, 90, 90]],
+    [[150, 80, 170], [200, 150, 90]], [[60, 150, 150], [200, 120, 110]],
+    [[130, 110, 80], [190, 170, 130]], [[170, 110, 140], [110, 170, 160]],
+], dtype=np.float32)
+SPLIT_IDS = {"train": 0, "test": 1}
+
+
+@dataclass(frozen=True)
+class _Synthetic:
+    """Everything random about one synthetic video; sizes and speeds in pixels."""
+    label: int
+    scene: int
+    speed: float            # pixels per frame
+    size: float             # object side or diameter; grow/shrink run a sawtooth around it
+    disk: bool
+    colours: np.ndarray     # (2, 3) the object's checker colours
+    cells: int              # checker cells across the object
+    x0: float
+    y0: float
+    theta0: float           # start angle of the orbit; start phase of the size sawtooth
+    radius: float           # orbit radius
+    bg_shift: np.ndarray    # (2,) background offset, in frame sides
+    bg_freq: float
+    bg_colour: np.ndarray   # (2, 3) the scene's palette, jittered
+    bg_seed: int
+
+
+class SyntheticVideos:
+    """Videos drawn on the fly: an object whose motion is the class, over a scene.
+
+    Train split: the scene is the class's own with probability scene_bias, else another one;
+    test split: the scene is uniform, independent of the class. Deterministic in (seed, split, i).
+    """
+
+    def __init__(self, split: str, num_videos: int, seed: int = 0, scene_bias: float = 0.8,
+                 short_side: int = 128, num_frames: int = 64):
+        if split not in SPLIT_IDS:
+            raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
+        if num_videos < 1 or short_side < 8 or num_frames < 1 or not 0 <= scene_bias <= 1:
+            raise ValueError(f"need num_videos >= 1, short_side >= 8, num_frames >= 1, 0 <= scene_bias <= 1; "
+                             f"got {num_videos}, {short_side}, {num_frames}, {scene_bias}")
+        self.split, self.seed, self.scene_bias = split, seed, scene_bias
+        self.short_side, self.num_frames = short_side, num_frames
+        self.num_classes, self.classes, self.scenes = len(CLASSES), list(CLASSES), list(SCENES)
+        self._videos = [self._draw_video(i) for i in range(num_videos)]
+
+    def _draw_video(self, i: int) -> _Synthetic:
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], i])
+        side, label = self.short_side, i % len(CLASSES)
+        keep, other = rng.random(), int(rng.integers(1, len(SCENES)))
+        if self.split == "train":
+            scene = label if keep < self.scene_bias else (label + other) % len(SCENES)
+        else:
+            scene = int(rng.integers(len(SCENES)))
+        first = rng.integers(0, 256, 3)
+        colours = np.stack([first, (first + 128) % 256]).astype(np.uint8)  # 128 apart in every channel
+        return _Synthetic(
+            label=label, scene=scene, speed=side * rng.uniform(0.010, 0.015), size=side * rng.uniform(0.20, 0.25),
+            disk=bool(rng.integers(2)), colours=colours, cells=int(rng.integers(2, 5)),
+            x0=side * rng.random(), y0=side * rng.random(), theta0=2 * np.pi * rng.random(),
+            radius=side * rng.uniform(0.20, 0.28), bg_shift=rng.random(2), bg_freq=rng.uniform(0.85, 1.15),
+            bg_colour=PALETTES[scene] + rng.uniform(-15, 15, (2, 3)), bg_seed=int(rng.integers(2**31)))
+
+    def __len__(self) -> int:
+        return len(self._videos)
+
+    def label(self, i: int) -> int:
+        return self._videos[i].label
+
+    def scene(self, i: int) -> int:
+        return self._videos[i].scene
+
+    def name(self, i: int) -> str:
+        """UCF101-style 'Class/v_Class_gXX_cYY.avi'; train takes odd groups, test even ones."""
+        cls, k = CLASSES[self.label(i)], i // len(CLASSES)
+        group = 2 * (k // 10) + 1 + SPLIT_IDS[self.split]
+        return f"{cls}/v_{cls}_g{group:02d}_c{k % 10 + 1:02d}.avi"
+
+    def _state(self, v: _Synthetic, t: int) -> tuple[float, float, float]:
+        """Object centre x, y and size in frame t. Translations wrap around the frame."""
+        side, travel = self.short_side, v.speed * t
+        if v.label < 4:
+            dx, dy = [(-travel, 0), (travel, 0), (0, -travel), (0, travel)][v.label]
+            return (v.x0 + dx) % side, (v.y0 + dy) % side, v.size
+        if v.label < 6:  # y points down, so a growing angle turns clockwise on screen
+            theta = v.theta0 + (travel if v.label == 4 else -travel) / v.radius
+            return side / 2 + v.radius * np.cos(theta), side / 2 + v.radius * np.sin(theta), v.size
+        low, high = 0.5 * v.size, 1.5 * v.size  # sawtooth, so the size never runs out
+        grown = (v.theta0 / (2 * np.pi) * (high - low) + travel) % (high - low)
+        return v.x0, v.y0, (low + grown) if v.label == 6 else (high - grown)
+
+    def box(self, i: int, t: int) -> tuple[float, float, float, float]:
+        """x0, y0, x1, y1 in pixels of the object in frame t. A box that reaches past an edge of the
+        frame continues on the opposite side, as the object does."""
+        x, y, size = self._state(self._videos[i], t)
+        return x - size / 2, y - size / 2, x + size / 2, y + size / 2
+
+    def _background(self, v: _Synthetic) -> np.ndarray:
+        """(H, W, 3) uint8 static scene: its palette mixed by a texture of its kind."""
+        side, f = self.short_side, v.bg_freq
+        xs = np.broadcast_to(((np.arange(side) + 0.5) / side)[None, :], (side, side))  # (H, W) in frame sides
+        ys = xs.T
+        x, y = xs + v.bg_shift[0], ys + v.bg_shift[1]  # shifted per video, so no two look alike
+        if v.scene == 0:
+            wave = np.sin(12 * np.pi * f * y)
+        elif v.scene == 1:
+            wave = np.sin(12 * np.pi * f * x)
+        elif v.scene == 2:
+            wave = np.sin(10 * np.pi * f * (x + y))
+        elif v.scene == 3:
+            wave = 2.0 * ((np.floor(5 * f * x) + np.floor(5 * f * y)) % 2) - 1
+        elif v.scene == 4:
+            wave = np.sin(3 * np.pi * f * x) * np.sin(3 * np.pi * f * y)
+        elif v.scene == 5:
+            wave = np.cos(np.pi * f * (x + 0.5 * y) / 1.5)
+        elif v.scene == 6:  # 2x2 blocks survive video coding better than single pixels
+            noise = np.random.default_rng(v.bg_seed).random(((side + 1) // 2, (side + 1) // 2))
+            wave = 2 * noise.repeat(2, 0).repeat(2, 1)[:side, :side] - 1
+        else:
+            wave = np.sin(8 * np.pi * f * np.hypot(xs - v.bg_shift[0], ys - v.bg_shift[1]))
+        mix = (0.5 + 0.5 * wave)[..., None]  # (H, W, 1) in [0, 1]
+        return (v.bg_colour[0] + (v.bg_colour[1] - v.bg_colour[0]) * mix).astype(np.uint8)
+
+    def _draw(self, v: _Synthetic, background: np.ndarray, t: int) -> np.ndarray:
+        """(H, W, 3) uint8 frame t: the checkered object with a black rim over the scene."""
+        side = self.short_side
+        cx, cy, size = self._state(v, t)
+        centres = np.arange(side) + 0.5
+        dx = (centres - cx + side / 2) % side - side / 2  # (W,) toroidal offsets from the centre
+        dy = (centres - cy + side / 2) % side - side / 2  # (H,)
+        cols, rows = np.flatnonzero(np.abs(dx) <= size / 2), np.flatnonzero(np.abs(dy) <= size / 2)
+        dx, dy = dx[cols][None, :], dy[rows][:, None]  # only the object's rows and columns
+        reach = np.hypot(dx, dy) if v.disk else np.maximum(np.abs(dx), np.abs(dy))  # (h, w)
+        cell = np.floor((dx / size + 0.5) * v.cells) + np.floor((dy / size + 0.5) * v.cells)
+        texture = v.colours[(cell % 2).astype(np.intp)]  # (h, w, 3); scales with the object
+        texture[reach > size / 2 - max(1.0, side / 64)] = 0
+        frame = background.copy()
+        patch = frame[np.ix_(rows, cols)]
+        inside = reach <= size / 2
+        patch[inside] = texture[inside]
+        frame[np.ix_(rows, cols)] = patch
+        return frame
+
+    def render(self, i: int, indices: Sequence[int]) -> np.ndarray:
+        """uint8 (len(indices), S, S, 3), drawing each distinct frame once."""
+        v = self._videos[i]
+        background = self._background(v)
+        distinct, order = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+        return np.stack([self._draw(v, background, int(t)) for t in distinct])[order.reshape(-1)]
+
+    def read(self, i: int, choose: Callable[[int], list[int]]) -> np.ndarray:
+        return self.render(i, choose(self.num_frames))
+
+
+def _write_avi(path: str, frames: np.ndarray, fps: int = 25) -> None:
+    """MPEG-4 part 2 AVI (UCF101's codec) at fixed quantiser 3, written to a temporary name
+    and renamed, so an interrupted run leaves no half-written video under the real name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = path + ".partial"
+    with av.open(partial, "w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.qmin = stream.codec_context.qmax = 3  # ~4/255 mean error at 128 x 128
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(partial, path)
+
+
+def _write_text(path: str, lines: list[str]) -> None:
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(path + ".partial", path)
+
+
+def make_synthetic(out: str, num_train: int, num_test: int, seed: int, scene_bias: float,
+                   short_side: int) -> None:
+    """OUT/videos/<Class>/v_<Class>_gXX_cYY.avi and UCF101 split files in OUT/splits (split 1),
+    the same videos SyntheticVideos draws. Split files come last: they name only finished videos."""
+    lists = {}
+    for split, num_videos in (("train", num_train), ("test", num_test)):
+        source = SyntheticVideos(split, num_videos, seed, scene_bias, short_side)
+        for i in tqdm(range(len(source)), desc=f"synthetic {split}"):
+            _write_avi(os.path.join(out, "videos", source.name(i)), source.render(i, range(source.num_frames)))
+        lists[split] = [(source.name(i), source.label(i)) for i in range(len(source))]
+    os.makedirs(os.path.join(out, "splits"), exist_ok=True)
+    _write_text(os.path.join(out, "splits", "classInd.txt"), [f"{k + 1} {c}" for k, c in enumerate(CLASSES)])
+    _write_text(os.path.join(out, "splits", "trainlist01.txt"), [f"{rel} {label + 1}" for rel, label in lists["train"]])
+    _write_text(os.path.join(out, "splits", "testlist01.txt"), [rel for rel, _ in lists["test"]])
+
+
+# ---- the torch Dataset --------------------------------------------------------------------
+
+_warned: set[str] = set()  # bad videos already reported by this process
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Clips from a source (VideoFiles or SyntheticVideos) for training and testing.
+
+    train: {"views": transform(clip, shifted, rng)} with clip the anchor frames and shifted the
+    same frames tau later (Eq. 4), or None without `shift`. test: K clips at test_starts,
+    views = stack of transform(clip_k, None, rng). Without transform, views are the raw uint8
+    frames as a tensor: (T, H, W, 3), (2, T, H, W, 3) with shift, (K, T, H, W, 3) in test.
+
+    All randomness of sample i comes from default_rng([seed, epoch, i]), so samples do not depend
+    on the number of workers, and a resumed run draws the same ones. Call set_epoch before
+    creating each epoch's DataLoader iterator (persistent_workers=False, so the workers see it).
+    static (Fig. 1 diagnostic): train clips are one random frame repeated T times (its shift: the
+    frame tau later, repeated), test clips their middle frame repeated.
+
+    A bad video is skipped for the next index; "index" is the video used, "skipped" how many
+    were passed over to find it. Sample i has skipped > 0 exactly when video i is bad, so
+    counting those samples over an epoch counts its bad videos.
+    """
+
+    def __init__(self, source, clip_len: int = 16, stride: int = 4, transform: Callable | None = None,
+                 shift: tuple[int, int] | None = None, mode: str = "train", test_clips: int = 10,
+                 static: bool = False, seed: int = 0):
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if clip_len < 1 or stride < 1 or test_clips < 1:
+            raise ValueError(f"clip_len, stride, test_clips must be >= 1, got {clip_len}, {stride}, {test_clips}")
+        if shift is not None and (mode == "test" or not 0 <= shift[0] <= shift[1]):
+            raise ValueError(f"shift must be (alpha1, alpha2) with 0 <= alpha1 <= alpha2, train only; got {shift}")
+        self.source, self.clip_len, self.stride, self.transform = source, clip_len, stride, transform
+        self.shift, self.mode, self.test_clips, self.static, self.seed = shift, mode, test_clips, static, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        reasons = []
+        for skipped in range(min(MAX_BAD_IN_A_ROW, len(self.source))):
+            j = (i + skipped) % len(self.source)
+            try:
+                views = self._train_views(j, rng) if self.mode == "train" else self._test_views(j, rng)
+            except BadVideo as error:
+                reasons.append(str(error))
+                if self.source.name(j) not in _warned:
+                    _warned.add(self.source.name(j))
+                    warnings.warn(f"skipping bad video {error}", BadVideoWarning, stacklevel=2)
+                continue
+            return {"views": views, "label": self.source.label(j), "index": j, "skipped": skipped}
+        raise RuntimeError(f"{len(reasons)} bad videos in a row from index {i}; the last: {reasons[-1]}")
+
+    def _train_views(self, j: int, rng: np.random.Generator):
+        def choose(num_frames: int) -> list[int]:
+            if self.static:  # Fig. 1 diagnostic: one random frame, no motion at all
+                anchor = [int(rng.integers(num_frames))] * self.clip_len
+            else:
+                anchor = temporal_indices(num_frames, int(rng.integers(num_frames)), self.clip_len, self.stride)
+            if self.shift is None:
+                return anchor
+            tau = sample_shift(rng, *self.shift)
+            return anchor + [(k + tau) % num_frames for k in anchor]  # Eq. 4, looping past the end
+
+        frames = self.source.read(j, choose)  # (T or 2T, H, W, 3): one decode for a and n
+        if self.shift is None:
+            return torch.from_numpy(frames) if self.transform is None else self.transform(frames, None, rng)
+        clip, shifted = frames[:self.clip_len], frames[self.clip_len:]
+        if self.transform is None:
+            return torch.from_numpy(frames.reshape(2, self.clip_len, *frames.shape[1:]))
+        return self.transform(clip, shifted, rng)
+
+    def _test_views(self, j: int, rng: np.random.Generator) -> torch.Tensor:
+        def choose(num_frames: int) -> list[int]:
+            clips = [temporal_indices(num_frames, start, self.clip_len, self.stride)
+                     for start in test_starts(num_frames, self.clip_len, self.stride, self.test_clips)]
+            if self.static:  # each clip's middle frame, repeated
+                clips = [[clip[self.clip_len // 2]] * self.clip_len for clip in clips]
+            return [k for clip in clips for k in clip]
+
+        frames = self.source.read(j, choose)  # (K * T, H, W, 3): one decode for all K clips
+        clips = frames.reshape(self.test_clips, self.clip_len, *frames.shape[1:])  # (K, T, H, W, 3)
+        if self.transform is None:
+            return torch.from_numpy(clips)
+        return torch.stack([self.transform(clip, None, rng) for clip in clips])
+
+
+# ---- command line -------------------------------------------------------------------------
+
+# Clip geometry when --size/--clip-len/--stride are not given: the paper's 16 x 4 frames at 224
+# (C3D users pass --size 112), and a CPU-sized clip for the built-in synthetic videos.
+CLIP_DEFAULTS = {"synthetic": dict(size=64, clip_len=8, stride=2), "paper": dict(size=224, clip_len=16, stride=4)}
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags every stage script shares (DESIGN section 4)."""
+    group = parser.add_argument_group("data (DESIGN sections 4-6)")
+    group.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic (built in)")
+    group.add_argument("--root", default=None, help="video folder (default: none; needed unless synthetic)")
+    group.add_argument("--split-dir", default=None,
+                       help="annotation folder: UCF101 classInd/trainlist0S/testlist0S, HMDB51 *_test_splitS, "
+                            "Kinetics train.csv + validate.csv, list trainlist.txt + testlist.txt (default: none)")
+    group.add_argument("--split", type=int, choices=(1, 2, 3), default=1, help="UCF101/HMDB51 split (default: 1)")
+    group.add_argument("--size", type=int, default=None,
+                       help="crop size; frames are decoded at short side 8/7 of it (default: 64 on synthetic, else 224)")
+    group.add_argument("--clip-len", type=int, default=None, help="frames T per clip (default: 8 on synthetic, else 16)")
+    group.add_argument("--stride", type=int, default=None, help="temporal stride (default: 2 on synthetic, else 4)")
+    group.add_argument("--shift-min", type=int, default=None,
+                       help="alpha1 of the temporal shift, frames (default: 4 on kinetics, else 2)")
+    group.add_argument("--shift-max", type=int, default=None,
+                       help="alpha2 of the temporal shift, frames (default: 30 on kinetics, else 20)")
+    group.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank (default: 2)")
+    group.add_argument("--num-train", type=int, default=800, help="synthetic training videos (default: 800)")
+    group.add_argument("--num-test", type=int, default=400, help="synthetic test videos (default: 400)")
+    group.add_argument("--scene-bias", type=float, default=0.8,
+                       help="synthetic training videos whose scene is their class's own (default: 0.8)")
+    group.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic videos themselves (default: 0)")
+
+
+def resolve_data_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the data flags left at None and check the ones that need a folder."""
+    for key, value in CLIP_DEFAULTS["synthetic" if args.dataset == "synthetic" else "paper"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    alpha1, alpha2 = SHIFT_DEFAULTS[args.dataset]
+    args.shift_min = alpha1 if args.shift_min is None else args.shift_min
+    args.shift_max = alpha2 if args.shift_max is None else args.shift_max
+    if not 0 <= args.shift_min <= args.shift_max:
+        raise SystemExit(f"need 0 <= --shift-min <= --shift-max, got {args.shift_min}, {args.shift_max}")
+    if args.dataset != "synthetic" and not (args.root and args.split_dir):
+        raise SystemExit(f"--dataset {args.dataset} needs --root (videos) and --split-dir (annotations)")
+    return args
+
+
+def build_source(args: argparse.Namespace, train: bool) -> "VideoFiles | SyntheticVideos":
+    """The training or test split named by the data flags. Videos named by a split file but
+    missing on disk stop here, before any training, naming them."""
+    short_side = short_side_for(args.size)
+    if args.dataset == "synthetic":
+        split, num_videos = ("train", args.num_train) if train else ("test", args.num_test)
+        return SyntheticVideos(split, num_videos, args.data_seed, args.scene_bias, short_side)
+    records, _ = build_records(args.dataset, args.root, args.split_dir, args.split, train)
+    return VideoFiles(records, short_side, min_frames=args.clip_len)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("make-synthetic", help="write the synthetic dataset as UCF101-style files")
+    make.add_argument("out", help="output folder: OUT/videos and OUT/splits")
+    make.add_argument("--num-train", type=int, default=800,
+                      help="training videos, balanced over the 8 classes (default: 800)")
+    make.add_argument("--num-test", type=int, default=400,
+                      help="test videos, balanced over the 8 classes (default: 400)")
+    make.add_argument("--seed", type=int, default=0, help="random seed of the videos (default: 0)")
+    make.add_argument("--scene-bias", type=float, default=0.8,
+                      help="training videos whose scene is their class's own (default: 0.8)")
+    make.add_argument("--short-side", type=int, default=128, help="frame side in pixels (default: 128)")
+    args = parser.parse_args(argv)
+    if args.num_train < 1 or args.num_test < 1 or not 0 <= args.scene_bias <= 1 or args.short_side < 8:
+        parser.error("need --num-train, --num-test >= 1, 0 <= --scene-bias <= 1, --short-side >= 8")
+    make_synthetic(args.out, args.num_train, args.num_test, args.seed, args.scene_bias, args.short_side)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""DSM pretraining: MoCo with a scene-broken positive and a motion-broken negative.
+
+Implements the paper's "Overall Architecture" and "Objective Function" sections. Every
+training video gives a triplet (augment.py):
+
+    a = b(c1)  -> f_q -> z_a    anchor: a plain augmented clip                 (query)
+    p = s(c2)  -> f_k -> z_p    positive: TPS-warped, scene broken, motion kept (key)
+    n = t(c3)  -> f_k -> z_n    negative: flow-scaled and time-shifted, motion broken, scene kept
+
+and f_q learns with the contrastive loss (Eq. 7, `--loss contrastive`, the paper's "DSM"
+rows), the intra-video triplet loss (Eq. 5, `--loss triplet`, "DSM (Triplet)"), or both.
+f_k is the momentum (EMA) copy of f_q and the queue holds its embeddings of other videos,
+as in MoCo (He et al. 2020).
+
+Run:
+    python pretrain.py                       # built-in synthetic videos, `mini` net, CPU, ~5 min
+    torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --root K400 --split-dir K400 \\
+        --arch i3d --size 224 --batch-size 128 --amp --out runs/k400_i3d
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import augment
+import data
+import models
+
+# What the CPU demo on the built-in synthetic videos changes from the paper's settings: a
+# 200-epoch run with a 6536-entry queue does not fit in 5 minutes on 2 cores, nor in a
+# training set of a thousand videos. Flags given on the command line always win.
+SYNTHETIC_DEFAULTS = dict(arch="mini", epochs=12, batch_size=16, moco_k=512, lr=0.03, knn_every=4)
+PAPER_DEFAULTS = dict(arch="i3d", epochs=200, batch_size=128, moco_k=6536, lr=0.003, knn_every=0)
+
+
+# ---- distributed helpers (shared by finetune.py and retrieve.py) ------------------------
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """One process per device, as launched by torchrun; a plain `python` run is rank 0 of 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (no gradient flows back)."""
+    if world_size() == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered)
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle-BN, step 1: deal the global batch out to the ranks in a random order.
+
+    Without it the key's BatchNorm statistics come from the same samples as the query's on
+    each device, and the network can find the positive through them instead of the content.
+    """
+    x_all = concat_all_gather(x)  # (world * B, ...)
+    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    if world_size() > 1:
+        dist.broadcast(idx_shuffle, src=0)
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return x_all[idx_shuffle.view(world_size(), -1)[rank]], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    """Shuffle-BN, step 2: give every rank back the outputs of its own samples."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return concat_all_gather(x)[idx_unshuffle.view(world_size(), -1)[rank]]
+
+
+# ---- the model: query encoder, momentum encoder, queue -----------------------------------
+
+class DSM(nn.Module):
+    """f_q, its momentum copy f_k and a queue of K key embeddings (MoCo) for the DSM triplet.
+
+    The negative n is embedded by f_k, like the positive: in Eq. 7 z_n sits in the
+    denominator next to the queue, whose entries all come from f_k, so every key is
+    produced by the same slowly moving encoder (MoCo's consistency argument), n gets
+    shuffle-BN like p, and its forward pass costs no backward. The queue holds z_p of past
+    batches: Eq. 7's "features of other samples" are MoCo's keys.
+    """
+
+    def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07):
+        super().__init__()
+        self.K, self.m, self.tau = K, m, tau
+        self.encoder_q = models.Encoder(arch, dim)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (D, K) random unit vectors
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.mul_(self.m).add_(param_q.detach(), alpha=1 - self.m)  # theta_k <- m theta_k + (1 - m) theta_q
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        keys = concat_all_gather(keys)  # (world * B, D): every rank's keys, so all queues stay equal
+        assert self.K % keys.shape[0] == 0, "queue length K must be divisible by the global batch"
+        ptr = int(self.queue_ptr)
+        self.queue[:, ptr:ptr + keys.shape[0]] = keys.T  # FIFO: overwrite the oldest keys
+        self.queue_ptr[0] = (ptr + keys.shape[0]) % self.K
+
+    @torch.no_grad()
+    def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
+        self.momentum_update()
+        if world_size() == 1:
+            return self.encoder_k(x)
+        x, idx_unshuffle = batch_shuffle(x)
+        return batch_unshuffle(self.encoder_k(x), idx_unshuffle)
+
+    def forward(self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """a, p, n: (B, C, T, H, W) -> z_a, z_p, z_n (B, D) and, with a queue, the Eq. 7 logits."""
+        z_a = self.encoder_q(a)  # (B, D), unit norm
+        keys = self.encode_keys(p if n is None else torch.cat([p, n]))  # (B or 2B, D)
+        z_p, z_n = keys[:a.shape[0]], (None if n is None else keys[a.shape[0]:])
+        out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
+        if self.K > 0:
+            out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau)
+            self.enqueue(z_p)
+        return out
+
+
+def contrastive_logits(z_a: torch.Tensor, z_p: torch.Tensor, z_n: torch.Tensor | None, queue: torch.Tensor,
+                       tau: float) -> torch.Tensor:
+    """Logits of Eq. 7, the positive at index 0: [z_a.z_p, z_a.z_n, z_a.queue] / tau, (B, 2 + K)."""
+    l_pos = (z_a * z_p).sum(1, keepdim=True)  # (B, 1)  z_a . z_p
+    l_neg = [z_a @ queue]  # (B, K)  z_a . k for the K keys of other videos
+    if z_n is not None:
+        l_neg.insert(0, (z_a * z_n).sum(1, keepdim=True))  # (B, 1)  z_a . z_n, the intra-video negative
+    return torch.cat([l_pos, *l_neg], dim=1) / tau
+
+
+def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float, triplet_weight: float) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch and their weighted sum under "loss"."""
+    terms = {}
+    if loss in ("contrastive", "both"):
+        logits = out["logits"].float()
+        terms["contrastive"] = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))  # Eq. 7
+    if loss in ("triplet", "both"):
+        d_ap = (out["z_a"] - out["z_p"]).norm(dim=1)  # d(z_a, z_p) = ||z_a - z_p||_2
+        d_an = (out["z_a"] - out["z_n"]).norm(dim=1)  # d(z_a, z_n)
+        terms["triplet"] = F.relu(d_ap - d_an + margin).mean()  # Eq. 5, averaged over the batch
+    if loss == "both":
+        terms["loss"] = terms["contrastive"] + triplet_weight * terms["triplet"]
+    else:
+        terms["loss"] = terms[loss]
+    return terms
+
+
+# ---- data --------------------------------------------------------------------------------
+
+def resolve_defaults(args: argparse.Namespace, synthetic: dict, paper: dict) -> argparse.Namespace:
+    """Fill every flag left at None from the synthetic-demo or the paper settings."""
+    for key, value in (synthetic if args.dataset == "synthetic" else paper).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def make_loader(dataset: data.ClipDataset, batch_size: int, args: argparse.Namespace, train: bool,
+                rank: int, world: int) -> torch.utils.data.DataLoader:
+    """A loader over this rank's shard. The sampler shuffles by (seed, epoch) even on one process,
+    so a resumed run sees the same order as an uninterrupted one."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train,
+                                                  seed=args.seed, drop_last=train)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=train,
+                                       worker_init_fn=augment.worker_init, persistent_workers=False)
+
+
+def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+
+
+def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.utils.data.DataLoader:
+    """Triplets (a, p, n) from the training split; Table 4's rows choose the disturbances."""
+    transform = augment.DSMTriplet(args.size, positive=args.positive, negative=args.negative,
+                                   tps_points=args.tps_points, tps_offset=args.tps_offset,
+                                   flow_max=args.flow_max, flow_scale=args.flow_scale)
+    shift = (args.shift_min, args.shift_max) if args.negative in ("disturb", "shift") else None  # Eq. 4
+    dataset = data.ClipDataset(data.build_source(args, train=True), args.clip_len, args.stride, transform,
+                               shift=shift, mode="train", seed=args.seed)
+    return make_loader(dataset, args.batch_size // world, args, train=True, rank=rank, world=world)
+
+
+# ---- training ----------------------------------------------------------------------------
+
+def learning_rate(args: argparse.Namespace, epoch: int) -> float:
+    """Step schedule: x0.1 at each of --lr-steps (the paper: 80/120/160 of 200 epochs)."""
+    return args.lr * 0.1 ** sum(epoch >= step for step in args.lr_steps)
+
+
+def check_finite(terms: dict[str, float], epoch: int, step: int) -> None:
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {step}: {bad}; the last "
+                                 "good checkpoint is kept. Try a lower --lr or turn off --amp.")
+
+
+def train_step(model: nn.Module, views: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, args: argparse.Namespace, amp_dtype: torch.dtype | None) -> dict:
+    """One SGD step on a batch of triplets `views` (B, 3, C, T, H, W) (or (B, 2, ...) without a negative)."""
+    a, p, n = (as_input(views[:, i], args) if i < views.shape[1] else None for i in range(3))
+    with torch.autocast(views.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        terms = dsm_losses(model(a, p, n), args.loss, args.margin, args.triplet_weight)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def as_input(x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """channels_last_3d lets cuDNN pick its fastest 3D kernels on GPUs (--channels-last)."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if args.channels_last else x
+
+
+def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, args: argparse.Namespace, epoch: int,
+                    device: torch.device) -> dict[str, float]:
+    """One pass over this rank's shard; returns the epoch's mean loss terms, speed and skipped videos."""
+    model.train()
+    amp_dtype = amp_dtype_for(args, device)
+    sums, skipped, wait, seen = {}, 0, 0.0, 0
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False)
+    t_start = t_ready = time.perf_counter()
+    for step, batch in enumerate(loader, 1):
+        wait += time.perf_counter() - t_ready
+        views = batch["views"].to(device, non_blocking=True)
+        for k, v in train_step(model, views, optimizer, scaler, args, amp_dtype).items():
+            sums[k] = sums.get(k, 0.0) + v
+        skipped += int((batch["skipped"] > 0).sum())  # sample i skips exactly when video i is bad
+        seen += len(views) * world_size()
+        if step % args.print_freq == 0 or step == len(loader):
+            means = {k: float(v) / step for k, v in sums.items()}  # the only device sync, every print_freq steps
+            check_finite(means, epoch, step)
+            elapsed = time.perf_counter() - t_start
+            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            clips_s=f"{seen / elapsed:.1f}", wait=f"{wait / elapsed:.0%}")
+        bar.update()
+        t_ready = time.perf_counter()
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    skipped = int(concat_all_gather(torch.tensor([skipped], device=device)).sum())
+    return {**{k: float(v) / len(loader) for k, v in sums.items()}, "clips_per_s": seen / elapsed,
+            "data_wait": wait / elapsed, "skipped_videos": skipped}
+
+
+def amp_dtype_for(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """--amp: bfloat16 where the GPU supports it (no loss scaling needed), else float16. CPU stays float32."""
+    if not args.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ---- kNN monitor (InstDisc / MoCo / DINO style) ------------------------------------------
+
+def knn_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple:
+    """Train and test splits, one centre clip per video, for the kNN monitor."""
+    transform = augment.ClipTransform(args.size, train=False)
+    return tuple(make_loader(data.ClipDataset(data.build_source(args, train=split), args.clip_len, args.stride,
+                                              transform, mode="test", test_clips=1, seed=args.seed),
+                             max(1, args.batch_size // world), args, train=False, rank=rank, world=world)
+                 for split in (True, False))
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised, average-pooled backbone features (N, C) and labels (N,) of the whole split, on every rank."""
+    backbone.eval()
+    feats, labels, index = [], [], []
+    for batch in loader:
+        x = batch["views"].to(device).flatten(0, 1)  # (B * clips, C, T, H, W)
+        f = backbone(x).float().mean(dim=(2, 3, 4))  # (B * clips, C) global average pool
+        feats.append(f.view(len(batch["label"]), -1, f.shape[1]).mean(1))  # (B, C) mean over a video's clips
+        labels.append(batch["label"].to(device))
+        index.append(batch["index"].to(device))
+    feats, labels, index = (concat_all_gather(torch.cat(t)) for t in (feats, labels, index))
+    n = len(loader.dataset)  # the sampler pads shards with repeats: put every video back in its own row
+    out_f = feats.new_zeros(n, feats.shape[1]).index_copy_(0, index, feats)
+    out_y = labels.new_zeros(n).index_copy_(0, index, labels)
+    return F.normalize(out_f, dim=1), out_y
+
+
+def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+             k: int = 20, t: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted kNN (Wu et al. 2018): each of the k most cosine-similar training videos votes exp(sim / t)."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (chunk, k)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+        correct += int((votes.argmax(1) == test_y[i:i + chunk]).sum())
+    return 100.0 * correct / len(test_f)
+
+
+def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, device: torch.device) -> float:
+    """kNN top-1 (%) of test-split videos among train-split videos, in the backbone's feature space."""
+    train_f, train_y = embed(backbone, loaders[0], device)
+    test_f, test_y = embed(backbone, loaders[1], device)
+    return knn_top1(train_f, train_y, test_f, test_y, k=args.knn_k)
+
+
+# ---- checkpoints and logs (rank 0 alone writes) -------------------------------------------
+
+def save_state(out: str, model: DSM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               args: argparse.Namespace, epoch: int) -> None:
+    """Everything a killed run needs to end where an uninterrupted one would (DESIGN section 8)."""
+    models.save_checkpoint({
+        "arch": args.arch, "epoch": epoch, "state_dict": model.state_dict(),  # f_q, f_k, queue, queue_ptr
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "args": vars(args),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }, os.path.join(out, "checkpoint.pth"))
+    models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
+                           os.path.join(out, "backbone.pth"))
+
+
+def resume(out: str, model: DSM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, arch: str) -> int:
+    """Load OUT/checkpoint.pth if there is one; returns the number of finished epochs."""
+    path = os.path.join(out, "checkpoint.pth")
+    if not os.path.exists(path):
+        if is_main():
+            print(f"--resume: no {path} yet, starting from scratch")
+        return 0
+    state = models.load_checkpoint(path)
+    if state["arch"] != arch:
+        raise ValueError(f"{path} holds a {state['arch']} model, but --arch is {arch}")
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    truncate_log(os.path.join(out, "log.jsonl"), state["epoch"])
+    if is_main():
+        print(f"resumed from {path} after epoch {state['epoch']}")
+    return state["epoch"]
+
+
+def truncate_log(path: str, epochs_done: int) -> None:
+    """Drop log lines of epochs the checkpoint does not hold (a kill between log and checkpoint)."""
+    if not is_main() or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def log_epoch(out: str, record: dict) -> None:
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---- command line and main ---------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_data_args(parser)
+    augment.add_augment_args(parser)
+    method = parser.add_argument_group("DSM method (paper: Objective Function, Table 4)")
+    method.add_argument("--arch", choices=models.ARCHS, default=None, help="backbone (default: mini on synthetic, else i3d)")
+    method.add_argument("--loss", choices=["contrastive", "triplet", "both"], default="contrastive",
+                        help="Eq. 7 (the 'DSM' rows), Eq. 5 ('DSM (Triplet)'), or their sum (default: contrastive)")
+    method.add_argument("--positive", choices=["tps", "none"], default="tps",
+                        help="tps = S-warping; none = another crop of the same clip (default: tps)")
+    method.add_argument("--negative", choices=["disturb", "flow", "shift", "none"], default="disturb",
+                        help="disturb = M-disturb (flow scaling + temporal shift), flow = Scaling-Of, shift = T-Shift, "
+                             "none = queue negatives only; '--positive none --negative none' is the MoCo baseline "
+                             "(default: disturb)")
+    method.add_argument("--moco-dim", type=int, default=128, help="embedding size D (default: 128)")
+    method.add_argument("--moco-k", type=int, default=None, help="queue length K (default: 512 on synthetic, else 6536)")
+    method.add_argument("--moco-m", type=float, default=0.99, help="momentum m of f_k (default: 0.99)")
+    method.add_argument("--moco-t", type=float, default=0.07,
+                        help="temperature tau of Eq. 7; the paper writes 1, its code uses 0.07 (default: 0.07)")
+    method.add_argument("--margin", type=float, default=0.5, help="triplet margin of Eq. 5 (default: 0.5)")
+    method.add_argument("--triplet-weight", type=float, default=1.0, help="weight of Eq. 5 with --loss both (default: 1.0)")
+    optim = parser.add_argument_group("optimisation (paper: Pre-training Settings)")
+    optim.add_argument("--epochs", type=int, default=None, help="default: 12 on synthetic, else 200")
+    optim.add_argument("--batch-size", type=int, default=None,
+                       help="GLOBAL batch, split over the ranks (default: 16 on synthetic, else 128)")
+    optim.add_argument("--lr", type=float, default=None,
+                       help="SGD learning rate for the global batch; the paper's 0.003 is for 128, scale it "
+                            "linearly with the batch (default: 0.03 on synthetic, else 0.003)")
+    optim.add_argument("--lr-steps", type=int, nargs="+", default=None,
+                       help="epochs where lr is multiplied by 0.1 (default: 40%%, 60%%, 80%% of --epochs, "
+                            "i.e. 80 120 160 of 200)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--wd", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/pretrain", help="run folder (default: runs/pretrain)")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (default: off)")
+    run.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations (default: 0)")
+    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA, bf16 where supported (default: off)")
+    run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
+    run.add_argument("--knn-every", type=int, default=None,
+                     help="kNN monitor every N epochs, 0 = only at the end (default: 4 on synthetic, else 0)")
+    run.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN monitor (default: 20)")
+    run.add_argument("--print-freq", type=int, default=10, help="progress-bar update every N steps (default: 10)")
+    args = resolve_defaults(parser.parse_args(argv), SYNTHETIC_DEFAULTS, PAPER_DEFAULTS)
+    data.resolve_data_args(args)
+    args.lr_steps = args.lr_steps or [round(args.epochs * f) for f in (0.4, 0.6, 0.8)]
+    if args.loss != "contrastive" and args.negative == "none":
+        parser.error(f"--loss {args.loss} needs a negative for Eq. 5: choose --negative disturb, flow or shift")
+    if args.loss != "triplet" and args.moco_k % args.batch_size:
+        parser.error(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} "
+                     f"(e.g. {args.moco_k // args.batch_size * args.batch_size})")
+    return args
+
+
+def check_queue(args: argparse.Namespace, num_videos: int) -> None:
+    """A queue longer than the training set holds the anchor's own video as a 'negative'."""
+    if args.loss != "triplet" and args.moco_k >= num_videos:
+        suggestion = max(args.batch_size, (num_videos // 2) // args.batch_size * args.batch_size)
+        raise SystemExit(f"--moco-k {args.moco_k} is not smaller than the training set ({num_videos} videos): "
+                         f"the queue would hold the anchor's own video; try --moco-k {suggestion}")
+
+
+def final_report(model: DSM, knn: tuple, args: argparse.Namespace, device: torch.device) -> dict:
+    """kNN top-1 of the learned encoder next to a randomly initialised one: what pretraining bought."""
+    learned = knn_monitor(model.encoder_q.backbone, knn, args, device)
+    torch.manual_seed(args.seed)
+    random_init = knn_monitor(models.build_backbone(args.arch).to(device), knn, args, device)
+    if is_main():
+        print(f"kNN top-1 on the test split: DSM-pretrained {learned:.1f}% | random init {random_init:.1f}%")
+    return {"knn_top1": learned, "knn_top1_random_init": random_init}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    assert args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} ranks"
+    torch.manual_seed(args.seed)
+    loader = pretrain_loader(args, rank, world)
+    check_queue(args, len(loader.dataset))
+    model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t).to(device)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(args, device) == torch.float16)
+    if is_main():
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    start = resume(args.out, model, optimizer, scaler, args.arch) if args.resume else 0
+    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    knn = knn_loaders(args, rank, world)
+    for epoch in range(start, args.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args, epoch)
+        set_epoch(loader, epoch)
+        stats = train_one_epoch(ddp_model, loader, optimizer, scaler, args, epoch, device)
+        if args.knn_every and (epoch + 1) % args.knn_every == 0 and epoch + 1 < args.epochs:
+            stats["knn_top1"] = knn_monitor(model.encoder_q.backbone, knn, args, device)
+        if epoch + 1 == args.epochs:
+            stats.update(final_report(model, knn, args, device))
+        if is_main():
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
+            print(json.dumps(record))
+            log_epoch(args.out, record)
+            save_state(args.out, model, optimizer, scaler, args, epoch + 1)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
