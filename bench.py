@@ -221,11 +221,226 @@ BENCHES["model-table"] = bench_model_table
 # (bench_model goes here)
 
 
+# ---- train -----------------------------------------------------------------
+def hara_r3d18_from_torchvision() -> torch.nn.Module:
+    """models.build_backbone("r3d18") assembled from torchvision's video-ResNet parts: Hara's
+    7x7x7 stem, BasicBlocks [2, 2, 2, 2], shortcut B, no pooling head."""
+    from torchvision.models.video.resnet import BasicBlock, Conv3DSimple, VideoResNet
+
+    stem = torch.nn.Sequential(torch.nn.Conv3d(3, 64, 7, (1, 2, 2), 3, bias=False), torch.nn.BatchNorm3d(64),
+                               torch.nn.ReLU(inplace=True), torch.nn.MaxPool3d(3, 2, 1))
+    net = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [2, 2, 2, 2], lambda: stem)
+    net.avgpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
+    backbone = torch.nn.Sequential(*list(net.children())[:5])  # stem, layer1..layer4
+    backbone.out_channels = 512
+    return backbone
+
+
+def time_dsm_steps(model: torch.nn.Module, views: torch.Tensor, steps: int) -> float:
+    """Seconds per DSM step (f_q forward+backward on a, f_k forward on p and n, SGD) on a fixed batch."""
+    import pretrain
+
+    args = pretrain.parse_args(["--loss", "both", "--moco-k", "64", "--batch-size", str(len(views))])
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return timeit(lambda: pretrain.train_step(model, views, optimizer, scaler, args, None), repeat=steps)
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    """A DSM training step: our r3d18 against the same network from torchvision parts
+    (DESIGN section 7: <= 1.1x), and the default `mini` run's clips/s and data wait."""
+    import pretrain
+
+    torch.manual_seed(0)
+    views = torch.randn(4, 3, 3, 8, 64, 64)  # (B, a/p/n, C, T, H, W)
+    ours = pretrain.DSM("r3d18", K=64)
+    theirs = pretrain.DSM("r3d18", K=64)
+    for encoder in (theirs.encoder_q, theirs.encoder_k):
+        encoder.backbone = hara_r3d18_from_torchvision()
+    theirs.encoder_k.load_state_dict(theirs.encoder_q.state_dict())
+    t_ours, t_theirs = (time_dsm_steps(m, views, args.repeat) for m in (ours, theirs))
+    print(f"DSM step, r3d18, batch 4 triplets of 8x64x64, {torch.get_num_threads()} threads, median of {args.repeat}")
+    print(f"  ours {t_ours:.3f} s | torchvision parts {t_theirs:.3f} s | ratio {t_ours / t_theirs:.2f} (target <= 1.1)")
+    print("default run (python pretrain.py: mini, synthetic 8x64x64, batch 16), 20 steps:")
+    for workers in (0, 2):
+        run = pretrain.parse_args(["--num-train", "320", "--workers", str(workers)])
+        loader = pretrain.pretrain_loader(run, rank=0, world=1)
+        model = pretrain.DSM(run.arch, K=run.moco_k)
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=run.lr, momentum=0.9)
+        stats = pretrain.train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                         run, 0, torch.device("cpu"))
+        print(f"  workers {workers}: {stats['clips_per_s']:.1f} triplets/s, data wait {stats['data_wait']:.0%}")
+
+
+BENCHES["train"] = bench_train
+
+
+# ---- retrieval -------------------------------------------------------------
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+OWN_FLAGS: set[str] = set()  # benches that parse the flags main() does not know, from args.rest
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def peak_memory_of(fn: Callable[[], object]) -> tuple[float, int]:
+    """Seconds of fn() and its peak resident memory above the start, in bytes. Linux's high-water
+    mark VmHWM is reset through /proc/self/clear_refs, so each call is measured on its own
+    (torch's allocator bypasses tracemalloc, and ru_maxrss never goes down)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _proc_status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, _proc_status_bytes("VmHWM") - start
+
+
+def bench_retrieval(args: argparse.Namespace) -> None:
+    """retrieve.recall_at_k on UCF101-sized random features against one plain `query @ gallery.T`
+    of the same sizes (DESIGN section 7: <= 1.3x, never the N x M x D tensor). Each is timed once:
+    at these sizes one call is ~4 TFLOP. Flags: --gallery 10000 --queries 4000 --dim 50000."""
+    import retrieve
+
+    parser = argparse.ArgumentParser(prog="bench.py retrieval")
+    parser.add_argument("--gallery", type=int, default=10000, help="gallery items M (default: 10000)")
+    parser.add_argument("--queries", type=int, default=4000, help="queries N (default: 4000)")
+    parser.add_argument("--dim", type=int, default=50000, help="feature size D (default: 50000)")
+    sizes = parser.parse_args(args.rest)
+    generator = torch.Generator().manual_seed(0)
+    gallery, query = torch.empty(sizes.gallery, sizes.dim), torch.empty(sizes.queries, sizes.dim)
+    for features in (gallery, query):  # filled in place, block by block: no second copy
+        for i in range(0, len(features), 1000):
+            features[i:i + 1000].normal_(generator=generator)
+    gallery_labels, query_labels = (torch.randint(101, (n,), generator=generator) for n in (sizes.gallery, sizes.queries))
+    t_ours, mem_ours = peak_memory_of(lambda: retrieve.recall_at_k(query, query_labels, gallery, gallery_labels))
+    t_ref, mem_ref = peak_memory_of(lambda: query @ gallery.T)
+    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
+    print(f"{sizes.queries} queries x {sizes.gallery} gallery x {sizes.dim}-d float32 "
+          f"(features {gib(4 * (sizes.queries + sizes.gallery) * sizes.dim)}), {torch.get_num_threads()} threads, one call each")
+    print(f"  recall_at_k (K = 1..50)    {t_ours:7.1f} s  peak +{gib(mem_ours)}")
+    print(f"  query @ gallery.T          {t_ref:7.1f} s  peak +{gib(mem_ref)}  (the full N x M matrix)")
+    print(f"  ratio {t_ours / t_ref:.2f} (target <= 1.3: {'ok' if t_ours / t_ref <= 1.3 else 'MISSED'}); "
+          f"the N x M x D tensor recall_at_k never allocates: {gib(4 * sizes.queries * sizes.gallery * sizes.dim)}")
+
+
+BENCHES["retrieval"] = bench_retrieval
+OWN_FLAGS.add("retrieval")
+
+
+# row of the table: (folder, pretrain.py flags, or None for the rows that are not pretrained)
+RESULT_ROWS = {"random init": ("random", None), "supervised": ("supervised", None),
+               "MoCo baseline": ("moco", ["--positive=none", "--negative=none"]),
+               "DSM (Triplet)": ("dsm_triplet", ["--loss=triplet"]), "DSM": ("dsm", ["--loss=contrastive"])}
+RESULT_SHARED_FLAGS = ("num-train", "num-test", "size", "clip-len", "stride", "batch-size", "workers")  # every stage
+
+
+def _results_stage(script: str, flags: list[str], out: str) -> None:
+    """python SCRIPT FLAGS --out OUT, unless OUT/results.json shows it finished (a killed table
+    resumes). pretrain.py writes no results.json: it runs with --resume, which skips finished epochs."""
+    if os.path.exists(os.path.join(out, "results.json")):
+        print(f"[results] have {out}/results.json")
+        return
+    command = [sys.executable, script, *flags, f"--out={out}"]
+    print(f"[results] {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
+def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]:
+    """Every run of one seed, then the table's cells of every row."""
+    out = os.path.join(opts.out, f"seed{seed}")
+    flag = lambda name, value: [] if value is None else [f"--{name}={value}"]
+    shared = [f"--seed={seed}", *(f for name in RESULT_SHARED_FLAGS for f in flag(name, getattr(opts, name.replace("-", "_"))))]
+    finetune = [*shared, "--eval-train", "--resume", *flag("epochs", opts.finetune_epochs)]
+    pretrain = [*shared, "--resume", *flag("epochs", opts.pretrain_epochs), *flag("moco-k", opts.moco_k)]
+    folder = {row: os.path.join(out, name) for row, (name, _) in RESULT_ROWS.items()}
+    # supervised = fine-tuning every weight from random init; its backbone is then probed like the others
+    _results_stage("finetune.py", [*finetune, "--protocol=full", "--pretrained=none"], os.path.join(folder["supervised"], "full"))
+    backbone = {"random init": "none", "supervised": os.path.join(folder["supervised"], "full", "checkpoint.pth")}
+    for row, (_, flags) in RESULT_ROWS.items():
+        if flags is not None:
+            _results_stage("pretrain.py", [*pretrain, *flags], folder[row])
+            backbone[row] = os.path.join(folder[row], "checkpoint.pth")
+            _results_stage("finetune.py", [*finetune, "--protocol=full", f"--pretrained={backbone[row]}"],
+                           os.path.join(folder[row], "full"))
+    for row, path in backbone.items():
+        _results_stage("finetune.py", [*finetune, "--protocol=linear", f"--pretrained={path}"],
+                       os.path.join(folder[row], "linear"))
+        _results_stage("retrieve.py", [*shared, f"--pretrained={path}"], os.path.join(folder[row], "retrieve"))
+    return {row: _results_row(folder[row], folder["supervised"]) for row in RESULT_ROWS}
+
+
+def _results_row(folder: str, supervised: str) -> dict[str, float]:
+    """The cells of one row, from its runs' results.json; fine-tuning a random init is the supervised run."""
+    def read(*path: str) -> dict:
+        with open(os.path.join(*path, "results.json")) as f:
+            return json.load(f)
+
+    linear, retrieval = read(folder, "linear"), read(folder, "retrieve")
+    full = read(folder if os.path.isdir(os.path.join(folder, "full")) else supervised, "full")
+    return {"linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
+            "fine-tune top-1": full["video_top1"], "fine-tune train top-1": full["train_video_top1"],
+            "R@1": retrieval["recall@1"], "R@5": retrieval["recall@5"]}
+
+
+def bench_results(args: argparse.Namespace) -> None:
+    """The README's synthetic results table (issue 5): rows random init, supervised, MoCo baseline,
+    DSM (Triplet), DSM; columns video top-1 (%) of the linear probe and of fine-tuning on the
+    scene-independent test split and on the scene-biased train split, retrieval R@1 and R@5.
+    Every run lands in OUT/seedS/<row>/...; a finished run is not run again, so a killed table
+    resumes. Prints the markdown table and writes OUT/table.md.
+
+        python bench.py results                                   # the full table (~60 min on 2 cores)
+        python bench.py results --seeds 0 1 2                     # mean +- std over three seeds
+        python bench.py results --pretrain-epochs 1 --finetune-epochs 1 --num-train 32 --num-test 16 \\
+            --size 32 --clip-len 4 --batch-size 8 --moco-k 16 --out runs/results_smoke   # smoke test
+        python bench.py results -- --help                         # these flags
+    """
+    import numpy as np
+
+    parser = argparse.ArgumentParser(prog="bench.py results")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one table per seed, then mean +- std (default: 0)")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="every pretraining (default: pretrain.py's, 12)")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="every probe and fine-tuning (default: finetune.py's, 12)")
+    parser.add_argument("--out", default="runs/results", help="run folder (default: runs/results)")
+    parser.add_argument("--moco-k", type=int, default=None, help="queue length of every pretraining (default: pretrain.py's)")
+    for name in RESULT_SHARED_FLAGS:
+        parser.add_argument(f"--{name}", type=int, default=None, help="passed to every stage (default: the stage's own)")
+    opts = parser.parse_args(args.rest)
+    per_seed = [_results_one_seed(opts, seed) for seed in opts.seeds]
+    columns = list(next(iter(per_seed[0].values())))
+    cell = lambda values: f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+    lines = [f"| | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    for row in per_seed[0]:
+        lines.append(f"| {row} | " + " | ".join(cell([seed[row][c] for seed in per_seed]) for c in columns) + " |")
+    config = {k: v for k, v in vars(opts).items() if v is not None and k != "out"}
+    table = "\n".join([f"Synthetic scene/motion data, video top-1 and Recall@K in %, {config}.", "",
+                       *lines, "", "Fine-tuning from random init is the supervised run: the two rows share it."])
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+BENCHES["results"] = bench_results
+OWN_FLAGS.add("results")
+# (bench_retrieval goes here)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=sorted(BENCHES), help="which hot path to measure")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions, median reported (default: 5)")
-    args = parser.parse_args()
+    args, args.rest = parser.parse_known_args()  # the rest: flags of the benches in OWN_FLAGS
+    if args.rest and args.which not in OWN_FLAGS:
+        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
     BENCHES[args.which](args)
 
 

@@ -424,7 +424,7 @@ class SyntheticVideos:
         first = rng.integers(0, 256, 3)
         colours = np.stack([first, (first + 128) % 256]).astype(np.uint8)  # 128 apart in every channel
         return _Synthetic(
-            label=label, scene=scene, speed=side * rng.uniform(0.010, 0.015), size=side * rng.uniform(0.20, 0.25),
+            label=label, scene=scene, speed=side * rng.uniform(0.025, 0.035), size=side * rng.uniform(0.20, 0.25),
             disk=bool(rng.integers(2)), colours=colours, cells=int(rng.integers(2, 5)),
             x0=side * rng.random(), y0=side * rng.random(), theta0=2 * np.pi * rng.random(),
             radius=side * rng.uniform(0.20, 0.28), bg_shift=rng.random(2), bg_freq=rng.uniform(0.85, 1.15),
@@ -455,7 +455,7 @@ class SyntheticVideos:
             theta = v.theta0 + (travel if v.label == 4 else -travel) / v.radius
             return side / 2 + v.radius * np.cos(theta), side / 2 + v.radius * np.sin(theta), v.size
         low, high = 0.5 * v.size, 1.5 * v.size  # sawtooth, so the size never runs out
-        grown = (v.theta0 / (2 * np.pi) * (high - low) + travel) % (high - low)
+        grown = (v.theta0 / (2 * np.pi) * (high - low) + travel / 2) % (high - low)  # half speed: longer ramps
         return v.x0, v.y0, (low + grown) if v.label == 6 else (high - grown)
 
     def box(self, i: int, t: int) -> tuple[float, float, float, float]:

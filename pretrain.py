@@ -100,11 +100,13 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
 class DSM(nn.Module):
     """f_q, its momentum copy f_k and a queue of K key embeddings (MoCo) for the DSM triplet.
 
-    The negative n is embedded by f_k, like the positive: in Eq. 7 z_n sits in the
-    denominator next to the queue, whose entries all come from f_k, so every key is
-    produced by the same slowly moving encoder (MoCo's consistency argument), n gets
-    shuffle-BN like p, and its forward pass costs no backward. The queue holds z_p of past
-    batches: Eq. 7's "features of other samples" are MoCo's keys.
+    The paper does not say which encoder embeds the negative n. We embed it with f_q, in the
+    same forward pass as the anchor a: the point of n is to push f_q's embedding of a clip with
+    broken motion away from that of the intact clip (Eq. 5 and Eq. 7), and only an encoder that
+    sees both clips, with gradient, can learn to tell them apart. Through f_k (no gradient) n
+    would land next to p, which shares its scene, and the n terms would teach f_q nothing. The
+    positive p is MoCo's key k+: f_k(p), with shuffle-BN. The queue holds z_p of past batches,
+    Eq. 7's embeddings of other videos.
     """
 
     def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07):
@@ -125,10 +127,10 @@ class DSM(nn.Module):
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         keys = concat_all_gather(keys)  # (world * B, D): every rank's keys, so all queues stay equal
-        assert self.K % keys.shape[0] == 0, "queue length K must be divisible by the global batch"
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + keys.shape[0]] = keys.T  # FIFO: overwrite the oldest keys
-        self.queue_ptr[0] = (ptr + keys.shape[0]) % self.K
+        assert keys.shape[0] <= self.K, "the queue must hold at least one global batch of keys"
+        slots = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
+        self.queue[:, slots] = keys.T.to(self.queue.dtype)  # FIFO: overwrite the oldest keys, wrapping at K
+        self.queue_ptr[0] = (self.queue_ptr[0] + keys.shape[0]) % self.K
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,9 +142,9 @@ class DSM(nn.Module):
 
     def forward(self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """a, p, n: (B, C, T, H, W) -> z_a, z_p, z_n (B, D) and, with a queue, the Eq. 7 logits."""
-        z_a = self.encoder_q(a)  # (B, D), unit norm
-        keys = self.encode_keys(p if n is None else torch.cat([p, n]))  # (B or 2B, D)
-        z_p, z_n = keys[:a.shape[0]], (None if n is None else keys[a.shape[0]:])
+        z_q = self.encoder_q(a if n is None else torch.cat([a, n]))  # (B or 2B, D), unit norm
+        z_a, z_n = z_q[:a.shape[0]], (None if n is None else z_q[a.shape[0]:])
+        z_p = self.encode_keys(p)  # (B, D), no gradient
         out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
         if self.K > 0:
             out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau)
@@ -339,20 +341,27 @@ def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, d
 
 # ---- checkpoints and logs (rank 0 alone writes) -------------------------------------------
 
-def save_state(out: str, model: DSM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               args: argparse.Namespace, epoch: int) -> None:
+def save_resumable(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   args: argparse.Namespace, epoch: int) -> None:
     """Everything a killed run needs to end where an uninterrupted one would (DESIGN section 8)."""
     models.save_checkpoint({
-        "arch": args.arch, "epoch": epoch, "state_dict": model.state_dict(),  # f_q, f_k, queue, queue_ptr
+        "arch": args.arch, "epoch": epoch, "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "args": vars(args),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, os.path.join(out, "checkpoint.pth"))
+
+
+def save_state(out: str, model: DSM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               args: argparse.Namespace, epoch: int) -> None:
+    """OUT/checkpoint.pth (f_q, f_k, queue, queue_ptr, optimiser, RNG) and OUT/backbone.pth (f_q's backbone)."""
+    save_resumable(out, model, optimizer, scaler, args, epoch)
     models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
                            os.path.join(out, "backbone.pth"))
 
 
-def resume(out: str, model: DSM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, arch: str) -> int:
+def resume(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+           arch: str) -> int:
     """Load OUT/checkpoint.pth if there is one; returns the number of finished epochs."""
     path = os.path.join(out, "checkpoint.pth")
     if not os.path.exists(path):
@@ -440,16 +449,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lr_steps = args.lr_steps or [round(args.epochs * f) for f in (0.4, 0.6, 0.8)]
     if args.loss != "contrastive" and args.negative == "none":
         parser.error(f"--loss {args.loss} needs a negative for Eq. 5: choose --negative disturb, flow or shift")
-    if args.loss != "triplet" and args.moco_k % args.batch_size:
-        parser.error(f"--moco-k {args.moco_k} must be a multiple of --batch-size {args.batch_size} "
-                     f"(e.g. {args.moco_k // args.batch_size * args.batch_size})")
+    if args.loss != "triplet" and args.moco_k < args.batch_size:
+        parser.error(f"--moco-k {args.moco_k} must hold at least one global batch (--batch-size {args.batch_size})")
     return args
 
 
 def check_queue(args: argparse.Namespace, num_videos: int) -> None:
     """A queue longer than the training set holds the anchor's own video as a 'negative'."""
     if args.loss != "triplet" and args.moco_k >= num_videos:
-        suggestion = max(args.batch_size, (num_videos // 2) // args.batch_size * args.batch_size)
+        suggestion = max(args.batch_size, num_videos // 2)
         raise SystemExit(f"--moco-k {args.moco_k} is not smaller than the training set ({num_videos} videos): "
                          f"the queue would hold the anchor's own video; try --moco-k {suggestion}")
 

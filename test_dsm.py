@@ -3,16 +3,30 @@
 Sections follow the stages: data, augmentation, models, pretraining.
 Every video file a test needs is written by the test itself with PyAV.
 """
-
-# ---- data.py ---------------------------------------------------------------
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from scipy.interpolate import RBFInterpolator
+from torch.utils.flop_counter import FlopCounterMode
 
+import augment
 import data
+import models
+import pretrain
+
+
+# ---- data.py ---------------------------------------------------------------
 
 
 def test_data_temporal_indices_loop():
@@ -356,13 +370,6 @@ def test_data_make_synthetic(tmp_path):
 # (data tests go here)
 
 # ---- augment.py ------------------------------------------------------------
-import numpy as np
-import pytest
-import torch
-import torch.nn.functional as F
-from scipy.interpolate import RBFInterpolator
-
-import augment
 
 
 def _augment_base_grid(height, width):
@@ -586,16 +593,7 @@ def test_augment_show_writes_png(tmp_path, monkeypatch):
 # (augment tests go here)
 
 # ---- models.py -------------------------------------------------------------
-import math
-import os
 
-import numpy as np
-import pytest
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
-
-import models
 
 # Parameter counts without fc of the reference implementations (VCP's C3D with BN,
 # piergiaj/pytorch-i3d to Mixed_5c, Hara's R3D with shortcut B).
@@ -808,4 +806,440 @@ def test_models_mini_learns_motion_direction():
 # (models tests go here)
 
 # ---- pretrain.py -----------------------------------------------------------
+
+
+TINY = ["--dataset", "synthetic", "--num-train", "32", "--num-test", "16", "--arch", "mini", "--size", "32",
+        "--clip-len", "4", "--stride", "2", "--batch-size", "8", "--moco-k", "16", "--workers", "0",
+        "--knn-every", "0", "--print-freq", "1"]
+
+
+def test_pretrain_eq7_matches_hand_computation():
+    torch.manual_seed(0)
+    z_a, z_p, z_n = (F.normalize(torch.randn(2, 4), dim=1) for _ in range(3))
+    queue = F.normalize(torch.randn(4, 3), dim=0)  # (D, K)
+    tau = 0.5
+    logits = pretrain.contrastive_logits(z_a, z_p, z_n, queue, tau)
+    loss = pretrain.dsm_losses({"logits": logits}, "contrastive", 0.5, 1.0)["loss"]
+    expected = 0.0
+    for i in range(2):
+        dot = lambda u, v: sum(float(x) * float(y) for x, y in zip(u, v))
+        pos = math.exp(dot(z_a[i], z_p[i]) / tau)
+        neg_n = math.exp(dot(z_a[i], z_n[i]) / tau)  # the intra-video negative in the denominator
+        neg_q = sum(math.exp(dot(z_a[i], queue[:, j]) / tau) for j in range(3))
+        expected += -math.log(pos / (pos + neg_n + neg_q)) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_pretrain_eq5_matches_hand_computation():
+    z_a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z_p = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    z_n = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
+    loss = pretrain.dsm_losses(out, "triplet", 0.5, 1.0)["loss"]
+    d_ap0, d_an0 = math.sqrt(0.4 ** 2 + 0.8 ** 2), 0.0
+    d_ap1, d_an1 = 0.0, math.sqrt(2.0)
+    expected = (max(d_ap0 - d_an0 + 0.5, 0) + max(d_ap1 - d_an1 + 0.5, 0)) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    both = pretrain.dsm_losses({**out, "logits": torch.zeros(2, 5)}, "both", 0.5, 2.0)
+    assert float(both["loss"]) == pytest.approx(math.log(5) + 2 * expected, rel=1e-6)
+
+
+def test_pretrain_queue_fifo_and_wraparound():
+    model = pretrain.DSM("mini", dim=4, K=10)
+    keys = [torch.full((4, 4), float(i)) for i in range(3)]
+    model.enqueue(keys[0])
+    assert int(model.queue_ptr) == 4 and torch.all(model.queue[:, :4] == 0)
+    model.enqueue(keys[1])
+    assert int(model.queue_ptr) == 8 and torch.all(model.queue[:, 4:8] == 1)
+    model.enqueue(keys[2])  # wraps: the last two slots, then the oldest keys (batch 0) first
+    assert int(model.queue_ptr) == 2
+    assert torch.all(model.queue[:, 8:] == 2) and torch.all(model.queue[:, :2] == 2)
+    assert torch.all(model.queue[:, 2:4] == 0) and torch.all(model.queue[:, 4:8] == 1)
+    with pytest.raises(AssertionError):
+        model.enqueue(torch.zeros(11, 4))  # more keys than the queue holds
+
+
+def test_pretrain_momentum_update():
+    model = pretrain.DSM("mini", dim=4, K=8, m=0.9)
+    for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        q.data.fill_(1.0)
+        k.data.fill_(3.0)
+    model.momentum_update()
+    for k in model.encoder_k.parameters():
+        assert torch.allclose(k, torch.full_like(k, 0.9 * 3.0 + 0.1 * 1.0))
+    assert all(not k.requires_grad for k in model.encoder_k.parameters())
+
+
+def test_pretrain_shuffle_unshuffle_identity():
+    torch.manual_seed(0)
+    x = torch.arange(12.0).view(6, 2)
+    shuffled, idx_unshuffle = pretrain.batch_shuffle(x)
+    assert not torch.equal(shuffled, x) and torch.equal(shuffled.sort(0).values, x)
+    assert torch.equal(pretrain.batch_unshuffle(shuffled, idx_unshuffle), x)
+
+
+def test_pretrain_steps_lower_loss_on_fixed_batch():
+    torch.manual_seed(0)
+    args = pretrain.parse_args(TINY + ["--loss", "triplet", "--lr", "0.05"])
+    model = pretrain.DSM("mini", dim=16, K=0)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    views = torch.randn(8, 3, 3, 4, 32, 32)
+    losses = [float(pretrain.train_step(model, views, optimizer, scaler, args, None)["loss"]) for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_pretrain_bad_flags_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--negative", "none", "--loss", "triplet"])
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--moco-k", "8", "--batch-size", "16"])
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--arch", "resnet50"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_pretrain_queue_longer_than_dataset_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="try --moco-k"):
+        pretrain.main(TINY + ["--moco-k", "64", "--out", str(tmp_path)])
+
+
+def run_pretrain(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "pretrain.py", *args], env=env, cwd=os.path.dirname(__file__),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_pretrain_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    args = TINY + ["--epochs", "3", "--knn-every", "0"]
+    whole = run_pretrain(args + ["--out", str(tmp_path / "whole")])
+    killed = run_pretrain(args + ["--out", str(tmp_path / "killed")])
+    log, checkpoint = tmp_path / "killed" / "log.jsonl", tmp_path / "killed" / "checkpoint.pth"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)  # during epoch 2 (or, at worst, between its log line and checkpoint)
+    killed.wait()
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+    resumed = run_pretrain(args + ["--out", str(tmp_path / "killed"), "--resume"])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    a = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    logs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in logs] == [1, 2, 3]
+
+
+def test_pretrain_two_process_torchrun_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "pretrain.py", *TINY, "--epochs", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and math.isfinite(records[0]["loss"])  # rank 0 alone writes
+    assert (out / "checkpoint.pth").exists() and (out / "backbone.pth").exists()
+    assert "knn_top1" in records[0]
+
+
 # (pretrain tests go here)
+
+# ---- finetune.py / retrieve.py ---------------------------------------------
+import finetune
+import retrieve
+
+TINY_DOWNSTREAM = ["--num-train", "16", "--num-test", "8", "--size", "32", "--clip-len", "4", "--stride", "2",
+                   "--batch-size", "8", "--workers", "0"]
+
+
+def test_retrieve_recall_at_k_matches_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    query, gallery = torch.randn(37, 6, generator=generator), torch.randn(53, 6, generator=generator)
+    gallery *= torch.rand(53, 1, generator=generator) * 5 + 0.1  # cosine, not dot product: norms must not matter
+    query_labels, gallery_labels = torch.randint(4, (37,), generator=generator), torch.randint(4, (53,), generator=generator)
+    ks = (1, 2, 5, 10, 60)
+    # chunks of 8 queries against blocks of 7 gallery rows exercise the running top-k merge
+    got = retrieve.recall_at_k(query, query_labels, gallery, gallery_labels, ks, chunk=8, gallery_block=7)
+    q, g = query.double().numpy(), gallery.double().numpy()
+    sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T
+    order = np.argsort(-sims, axis=1)
+    for k in ks:
+        hits = sum(query_labels[i].item() in gallery_labels[order[i, :k]].tolist() for i in range(37))
+        assert got[f"recall@{k}"] == pytest.approx(100 * hits / 37), k
+    assert retrieve.recall_at_k(query, query_labels, gallery, gallery_labels, ks) == got  # one block
+    assert got["recall@60"] == 100 * sum(query_labels[i].item() in gallery_labels.tolist() for i in range(37)) / 37
+    half = retrieve.recall_at_k(query, query_labels, gallery.half(), gallery_labels, ks, chunk=8)
+    assert half["recall@5"] == pytest.approx(got["recall@5"], abs=100 / 37)  # float16 storage: ties may flip
+
+
+def test_retrieve_recall_at_k_hand_made():
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 0.1], [0.7, 0.7]])  # labels 1, 0, 0; short g1 still ranks by angle
+    query = torch.tensor([[1.0, 0.1], [0.1, 1.0]])  # labels 0, 1
+    got = retrieve.recall_at_k(query, torch.tensor([0, 1]), gallery, torch.tensor([1, 0, 0]), (1, 2, 3))
+    # query 0: g0 (wrong), g2 (right) -> first hit at rank 2; query 1: g1, g2 (wrong), g0 (right) -> rank 3
+    assert got == {"recall@1": 0.0, "recall@2": 50.0, "recall@3": 100.0}
+
+
+def test_finetune_balanced_subset_sizes_and_seed():
+    labels = [0] * 100 + [1] * 50 + [2] * 3
+    ten = finetune.balanced_subset(labels, 0.1, seed=0)  # round(0.1 * 153 / 3) = 5 per class, class 2 has 3
+    assert np.bincount(np.array(labels)[ten]).tolist() == [5, 5, 3]
+    assert ten == sorted(set(ten)) and ten == finetune.balanced_subset(labels, 0.1, seed=0)
+    assert ten != finetune.balanced_subset(labels, 0.1, seed=1)
+    assert np.bincount(np.array(labels)[finetune.balanced_subset(labels, 0.01, seed=0)]).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError):
+        finetune.balanced_subset(labels, 0.0, seed=0)
+
+
+class _FinetuneIndexSource:
+    """Frame k of every video is a uniform grey of value k, so a clip's pixels name its frames."""
+
+    def __len__(self):
+        return 2
+
+    def label(self, i):
+        return i
+
+    def name(self, i):
+        return f"video{i}"
+
+    def read(self, i, choose):
+        return np.stack([np.full((40, 40, 3), k, np.uint8) for k in choose(100)])
+
+
+def test_finetune_test_clips_are_uniformly_spaced():
+    args = finetune.parse_args(TINY_DOWNSTREAM + ["--test-clips", "5", "--clip-len", "4", "--stride", "3"])
+    views = finetune.test_set(args, _FinetuneIndexSource())[1]["views"]  # (K, C, T, H, W), normalised
+    assert views.shape == (5, 3, 4, 32, 32)
+    frames = ((views[:, 0, :, 0, 0] * augment.STD[0] + augment.MEAN[0]) * 255).round().int()  # (K, T)
+    starts = data.test_starts(100, 4, 3, 5)
+    assert frames.tolist() == [data.temporal_indices(100, s, 4, 3) for s in starts]
+    assert np.ptp(np.diff(starts)) <= 1 and starts[0] > 0 and starts[-1] < 100 - 10  # even gaps inside the video
+
+
+def test_finetune_linear_protocol_leaves_backbone_unchanged():
+    args = finetune.parse_args(TINY_DOWNSTREAM + ["--protocol", "linear", "--pretrained", "none"])
+    torch.manual_seed(0)
+    model = finetune.build_model(args, num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 2  # fc weight and bias only
+    optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    model.train()
+    assert model.training and not model.backbone.training  # BN stays in eval mode
+    for _ in range(3):
+        clips, labels = torch.randn(4, 3, 4, 32, 32) * 3 + 1, torch.randint(3, (4,))  # BN in train mode would move
+        finetune.train_step(model, clips, labels, optimizer, torch.amp.GradScaler("cpu", enabled=False), None)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) != k.startswith("fc."), k  # running_mean/var/num_batches_tracked included
+
+
+def _finetune_results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_finetune_end_to_end_results_and_fig1_compare(tmp_path, capsys):
+    ckpt = tmp_path / "pretrain.pth"
+    torch.manual_seed(1)
+    models.save_checkpoint({"arch": "mini", "state_dict": pretrain.DSM("mini", K=16).state_dict()}, str(ckpt))
+    finetune.main(TINY_DOWNSTREAM + ["--pretrained", str(ckpt), "--protocol", "linear", "--epochs", "1",
+                                     "--eval-train", "--label-fraction", "0.5", "--out", str(tmp_path / "normal")])
+    results = _finetune_results(tmp_path / "normal")
+    for key in ("clip_top1", "clip_top5", "video_top1", "video_top5", "train_video_top1"):
+        assert 0 <= results[key] <= 100, key
+    assert results["clip_top5"] >= results["clip_top1"] and results["video_top5"] >= results["video_top1"]
+    assert set(results["per_class_top1"]) == set(data.CLASSES)  # 8 test videos, one per class
+    assert results["num_videos"] == 8 and results["train_num_videos"] == 16 and results["num_train_videos"] == 8
+    assert results["args"]["protocol"] == "linear"
+    assert len((tmp_path / "normal" / "log.jsonl").read_text().splitlines()) == 1
+    pretrained = models.load_backbone(str(ckpt), "mini").state_dict()  # linear: still the pretrained backbone
+    tuned = models.load_backbone(str(tmp_path / "normal" / "checkpoint.pth"), "mini").state_dict()
+    assert all(torch.equal(pretrained[k], tuned[k]) for k in pretrained)
+    finetune.main(TINY_DOWNSTREAM + ["--pretrained", "none", "--static", "--epochs", "1", "--test-clips", "2",
+                                     "--out", str(tmp_path / "static")])
+    capsys.readouterr()
+    gains = finetune.compare(str(tmp_path / "normal"), str(tmp_path / "static"))
+    assert set(gains) == set(data.CLASSES) and "gain less than 5% from motion" in capsys.readouterr().out
+
+
+def test_finetune_relative_improvement_and_zero_static():
+    normal = {"a": 60.0, "b": 50.0, "c": 10.0, "d": 0.0, "only_normal": 5.0}
+    static = {"a": 50.0, "b": 49.0, "c": 0.0, "d": 0.0}
+    gains = finetune.relative_improvement(normal, static)
+    assert gains == {"a": pytest.approx(0.2), "b": pytest.approx(1 / 49), "c": math.inf, "d": 0.0}
+    assert sum(g < 0.05 for g in gains.values()) == 2  # b and d: "less than 5% or no improvement"
+
+
+def test_finetune_bad_flags_are_argparse_errors():
+    for bad in (["--split", "all"], ["--label-fraction", "0"], ["--protocol", "probe"], ["--split", "4"]):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(bad)
+
+
+def test_retrieve_end_to_end_cache_and_features(tmp_path, monkeypatch):
+    args = TINY_DOWNSTREAM + ["--pretrained", "none", "--clips-per-video", "3", "--out", str(tmp_path)]
+    first = retrieve.main(args + ["--save-features"])
+    assert first["cached"] == {"train": False, "test": False} and first["num_queries"] == 8
+    saved = np.load(tmp_path / "features.npz")
+    assert saved["train"].shape == (16, 128 * 2 * 7 * 7) and saved["test"].shape == (8, 128 * 2 * 7 * 7)
+    assert np.allclose(np.linalg.norm(saved["test"], axis=1), 1, atol=1e-5)
+    assert saved["test_labels"].tolist() == [i % 8 for i in range(8)]
+    monkeypatch.setattr(retrieve, "extract", lambda *a, **k: pytest.fail("the cache was not used"))
+    second = retrieve.main(args)
+    assert second["cached"] == {"train": True, "test": True}
+    assert all(second[f"recall@{k}"] == first[f"recall@{k}"] for k in retrieve.KS)
+    assert json.loads((tmp_path / "results.json").read_text())["recall@1"] == first["recall@1"]
+    monkeypatch.undo()
+    clips = retrieve.main(args + ["--clip-level"])  # another cache key: extracted again, per clip
+    assert clips["cached"] == {"train": False, "test": False} and (clips["num_queries"], clips["num_gallery"]) == (24, 48)
+
+
+def test_finetune_and_retrieve_two_process_torchrun_match_one_process(tmp_path):
+    """7 test videos over 2 ranks: the sampler pads a shard with a repeat, which must be dropped."""
+    tiny = [*TINY_DOWNSTREAM, "--num-test", "7", "--pretrained", "none"]
+    finetune_args = [*tiny, "--protocol", "linear", "--epochs", "0", "--test-clips", "2"]  # evaluation only
+    retrieve_args = [*tiny, "--clips-per-video", "2"]
+    finetune.main(finetune_args + ["--out", str(tmp_path / "ft1")])
+    one = {"ft": _finetune_results(tmp_path / "ft1"), "rt": retrieve.main(retrieve_args + ["--out", str(tmp_path / "rt1")])}
+    for name, script, script_args in (("ft", "finetune.py", finetune_args), ("rt", "retrieve.py", retrieve_args)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               script, *script_args, "--out", str(tmp_path / f"{name}2")]
+        proc = subprocess.run(cmd, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        two = _finetune_results(tmp_path / f"{name}2")
+        keys = ("video_top1", "clip_top1", "per_class_top1", "num_videos") if name == "ft" else ("recall@1", "recall@5")
+        assert all(two[k] == pytest.approx(one[name][k]) for k in keys), (name, two, one[name])
+    assert _finetune_results(tmp_path / "ft2")["num_videos"] == 7
+
+
+# (finetune tests go here)
+
+# ---- visualize.py ----------------------------------------------------------
+import csv as _visualize_csv
+
+from PIL import Image as _VisualizeImage
+
+import visualize
+
+
+def test_visualize_heatmap_shape_range_and_peak():
+    torch.manual_seed(0)
+    heat = visualize.heatmap(torch.randn(1, 4, 2, 3, 3), (8, 12, 12))
+    assert heat.shape == (8, 12, 12) and heat.dtype == np.float32
+    assert heat.min() == 0.0 and heat.max() == 1.0
+    feature_map = torch.zeros(1, 2, 2, 3, 3)
+    feature_map[0, 1, 1, 0, 2] = 5.0  # one hot cell: second time step, top row, right column
+    peak = visualize.heatmap(feature_map, (8, 12, 12))
+    t, y, x = np.unravel_index(peak.argmax(), peak.shape)
+    assert t >= 4 and y < 4 and x >= 8  # the cell's eighth of the upsampled volume
+    assert visualize.heatmap(torch.ones(1, 2, 2, 3, 3), (4, 6, 6)).max() == 0.0  # flat: no contrast
+
+
+def test_visualize_box_mass_equals_direct_computation():
+    torch.manual_seed(1)
+    feature_map = torch.rand(1, 3, 2, 4, 5)  # a hand-made activation map
+    heat = visualize.heatmap(feature_map, (3, 8, 10))
+    boxes = [(2, 1, 6, 5), (0, 0, 10, 8), (-2, 5, 3, 11)]  # the last wraps left/right and bottom/top
+    direct = [heat[0, 1:5, 2:6].sum() / heat[0].sum(), 1.0]
+    rows, cols = [5, 6, 7, 0, 1, 2], [8, 9, 0, 1, 2]
+    direct.append(heat[2][np.ix_(rows, cols)].sum() / heat[2].sum())
+    assert visualize.box_mass(heat, boxes) == pytest.approx(float(np.mean(direct)), rel=1e-6)
+    chance = visualize.box_mass(np.ones_like(heat), boxes)
+    assert chance == pytest.approx((16 / 80 + 1 + 30 / 80) / 3)
+    heat[1] = 0  # a frame without heat has no share and is left out
+    assert visualize.box_mass(heat, boxes) == pytest.approx((direct[0] + direct[2]) / 2, rel=1e-6)
+    assert np.isnan(visualize.box_mass(np.zeros_like(heat), boxes))
+
+
+class _VisualizeFirstChannel(torch.nn.Module):
+    """A 'backbone' whose feature map is its input's first channel: the heat must be the red channel."""
+
+    def forward(self, x):
+        return x[:, :1]
+
+
+def test_visualize_video_heat_averages_windows():
+    frames = np.random.default_rng(0).integers(0, 256, (11, 6, 5, 3), dtype=np.uint8)
+    heat, response, starts = visualize.video_heat(_VisualizeFirstChannel(), frames, 4, 1, 3, torch.device("cpu"), 2)
+    assert starts == [0, 3, 6] and heat.shape == (9 + 1, 6, 5)  # frame 10 is in no window
+    red = (frames[:10, ..., 0] / 255 - augment.MEAN[0]) / augment.STD[0]
+    np.testing.assert_allclose(heat, (red - red.min()) / (red.max() - red.min()), atol=1e-5)
+    means = np.array([red[s:s + 4].mean() for s in starts])
+    np.testing.assert_allclose(response, (means - means.min()) / (means.max() - means.min()), atol=1e-5)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        visualize.video_heat(_VisualizeFirstChannel(), frames[:3], 4, 1, 3, torch.device("cpu"))
+
+
+def test_visualize_probes_change_input_as_specified():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (6, 10, 12, 3), dtype=np.uint8)
+    still = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    static = visualize.probe_static(frames, 2)
+    assert static.shape == frames.shape and (static == frames[2]).all()
+    pasted = visualize.probe_paste(frames, still[1:5, 2:8], 3, 4)
+    assert (pasted[:, 3:7, 4:10] == still[1:5, 2:8]).all()
+    outside = np.ones((10, 12), bool)
+    outside[3:7, 4:10] = False
+    assert (pasted[:, outside] == frames[:, outside]).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        visualize.probe_paste(frames, still[:4, :6], 8, 0)
+    blended = visualize.probe_insert(frames, still, 0.25)
+    expected = np.round(0.75 * frames.astype(np.float64) + 0.25 * still.astype(np.float64))
+    assert np.abs(blended.astype(int) - expected).max() <= 1  # float32 rounding at .5
+    assert (visualize.probe_insert(frames, still, 0.0) == frames).all()
+
+
+def _visualize_decode(path):
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_visualize_cli_synthetic_outputs_decode(tmp_path, capsys):
+    ckpt = tmp_path / "random.pth"
+    torch.manual_seed(0)
+    models.save_checkpoint({"arch": "mini", "state_dict": models.build_backbone("mini").state_dict()}, str(ckpt))
+    out = tmp_path / "vis"
+    visualize.main(["--pretrained", str(ckpt), "--names", "tiny", "--arch", "mini", "--size", "16", "--clip-len", "4",
+                    "--num-test", "2", "--probe", "paste", "--zoom", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "16 windows over 64 frames" in printed and "moving object's box" in printed and "pasted" in printed
+    video = _visualize_decode(out / "tiny_paste_heat.mp4")
+    assert video.shape == (64, 36, 36, 3)  # short side 18, zoom 2
+    sheet = _VisualizeImage.open(out / "tiny_paste_sheet.png")
+    sheet.load()
+    assert sheet.size == (8 * 36, 14 + 2 * 36)
+    with open(out / "tiny_paste_response.csv") as f:
+        rows = list(_visualize_csv.DictReader(f))
+    assert [int(r["start_frame"]) for r in rows] == list(range(0, 61, 4))
+    response = [float(r["response"]) for r in rows]
+    assert min(response) == 0.0 and max(response) == 1.0
+    _VisualizeImage.open(out / "tiny_paste_response.png").load()
+
+
+def test_visualize_cli_video_file_and_eval(tmp_path, capsys):
+    _data_write_video(tmp_path / "a.avi", num_frames=12, width=40, height=32)
+    _data_write_video(tmp_path / "b.avi", num_frames=12, width=48, height=32)
+    tiny = ["--arch", "mini", "--size", "16", "--clip-len", "4", "--out", str(tmp_path / "vis")]
+    visualize.main(["--video", str(tmp_path / "a.avi"), "--probe", "insert", "--other-video", str(tmp_path / "b.avi"),
+                    *tiny])
+    video = _visualize_decode(tmp_path / "vis" / "random_insert_heat.mp4")
+    assert video.shape[0] == 12 and video.shape[1:3] == (18 // 2 * 2 * 14, 22 * 14)  # 32x40 -> 18x22, zoom 14
+    visualize.main(["--eval", "--pretrained", "none", "none", "--names", "a", "b", "--num-test", "2", *tiny])
+    assert "| a | " in capsys.readouterr().out
+    with open(tmp_path / "vis" / "eval.json") as f:
+        results = json.load(f)["results"]
+    assert results["a"] == results["b"]  # same seed, same random init, same numbers
+    assert 0 < results["a"]["box_mass"] < 1 and results["a"]["ratio"] == pytest.approx(
+        results["a"]["box_mass"] / results["a"]["chance"])
+    with pytest.raises(SystemExit):
+        visualize.parse_args(["--pretrained", "none", "--names", "a", "b"])
+
+
+# (visualize tests go here)
