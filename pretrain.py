@@ -316,7 +316,8 @@ def embed(backbone: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     n = len(loader.dataset)  # the sampler pads shards with repeats: put every video back in its own row
     out_f = feats.new_zeros(n, feats.shape[1]).index_copy_(0, index, feats)
     out_y = labels.new_zeros(n).index_copy_(0, index, labels)
-    return F.normalize(out_f, dim=1), out_y
+    read = torch.zeros(n, dtype=torch.bool, device=index.device).index_fill_(0, index, True)  # bad videos: never read
+    return F.normalize(out_f[read], dim=1), out_y[read]
 
 
 def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
