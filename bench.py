@@ -319,12 +319,13 @@ def bench_retrieval(args: argparse.Namespace) -> None:
     for features in (gallery, query):  # filled in place, block by block: no second copy
         for i in range(0, len(features), 1000):
             features[i:i + 1000].normal_(generator=generator)
-    gallery_labels, query_labels = (torch.randint(101, (n,), generator=generator) for n in (sizes.gallery, sizes.queries))
+    gallery_labels, query_labels = (torch.randint(101, (n,), generator=generator)
+                                    for n in (sizes.gallery, sizes.queries))
     t_ours, mem_ours = peak_memory_of(lambda: retrieve.recall_at_k(query, query_labels, gallery, gallery_labels))
     t_ref, mem_ref = peak_memory_of(lambda: query @ gallery.T)
     gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
-    print(f"{sizes.queries} queries x {sizes.gallery} gallery x {sizes.dim}-d float32 "
-          f"(features {gib(4 * (sizes.queries + sizes.gallery) * sizes.dim)}), {torch.get_num_threads()} threads, one call each")
+    print(f"{sizes.queries} queries x {sizes.gallery} gallery x {sizes.dim}-d float32 (features "
+          f"{gib(4 * (sizes.queries + sizes.gallery) * sizes.dim)}), {torch.get_num_threads()} threads, one call each")
     print(f"  recall_at_k (K = 1..50)    {t_ours:7.1f} s  peak +{gib(mem_ours)}")
     print(f"  query @ gallery.T          {t_ref:7.1f} s  peak +{gib(mem_ref)}  (the full N x M matrix)")
     print(f"  ratio {t_ours / t_ref:.2f} (target <= 1.3: {'ok' if t_ours / t_ref <= 1.3 else 'MISSED'}); "
@@ -357,12 +358,15 @@ def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str
     """Every run of one seed, then the table's cells of every row."""
     out = os.path.join(opts.out, f"seed{seed}")
     flag = lambda name, value: [] if value is None else [f"--{name}={value}"]
-    shared = [f"--seed={seed}", *(f for name in RESULT_SHARED_FLAGS for f in flag(name, getattr(opts, name.replace("-", "_"))))]
+    shared = [f"--seed={seed}"]
+    for name in RESULT_SHARED_FLAGS:
+        shared += flag(name, getattr(opts, name.replace("-", "_")))
     finetune = [*shared, "--eval-train", "--resume", *flag("epochs", opts.finetune_epochs)]
     pretrain = [*shared, "--resume", *flag("epochs", opts.pretrain_epochs), *flag("moco-k", opts.moco_k)]
     folder = {row: os.path.join(out, name) for row, (name, _) in RESULT_ROWS.items()}
     # supervised = fine-tuning every weight from random init; its backbone is then probed like the others
-    _results_stage("finetune.py", [*finetune, "--protocol=full", "--pretrained=none"], os.path.join(folder["supervised"], "full"))
+    _results_stage("finetune.py", [*finetune, "--protocol=full", "--pretrained=none"],
+                   os.path.join(folder["supervised"], "full"))
     backbone = {"random init": "none", "supervised": os.path.join(folder["supervised"], "full", "checkpoint.pth")}
     for row, (_, flags) in RESULT_ROWS.items():
         if flags is not None:
@@ -406,11 +410,14 @@ def bench_results(args: argparse.Namespace) -> None:
     import numpy as np
 
     parser = argparse.ArgumentParser(prog="bench.py results")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one table per seed, then mean +- std (default: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one table per seed, then mean +- std (default: 0)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="every pretraining (default: pretrain.py's, 12)")
-    parser.add_argument("--finetune-epochs", type=int, default=None, help="every probe and fine-tuning (default: finetune.py's, 12)")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="every probe and fine-tuning (default: finetune.py's, 12)")
     parser.add_argument("--out", default="runs/results", help="run folder (default: runs/results)")
-    parser.add_argument("--moco-k", type=int, default=None, help="queue length of every pretraining (default: pretrain.py's)")
+    parser.add_argument("--moco-k", type=int, default=None,
+                        help="queue length of every pretraining (default: pretrain.py's)")
     for name in RESULT_SHARED_FLAGS:
         parser.add_argument(f"--{name}", type=int, default=None, help="passed to every stage (default: the stage's own)")
     opts = parser.parse_args(args.rest)

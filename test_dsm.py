@@ -1013,7 +1013,7 @@ class _FinetuneIndexSource:
 
 
 def test_finetune_test_clips_are_uniformly_spaced():
-    args = finetune.parse_args(TINY_DOWNSTREAM + ["--test-clips", "5", "--clip-len", "4", "--stride", "3"])
+    args = finetune.parse_args(TINY_DOWNSTREAM + ["--pretrained", "none", "--test-clips", "5", "--stride", "3"])
     views = finetune.test_set(args, _FinetuneIndexSource())[1]["views"]  # (K, C, T, H, W), normalised
     assert views.shape == (5, 3, 4, 32, 32)
     frames = ((views[:, 0, :, 0, 0] * augment.STD[0] + augment.MEAN[0]) * 255).round().int()  # (K, T)
@@ -1076,10 +1076,14 @@ def test_finetune_relative_improvement_and_zero_static():
     assert sum(g < 0.05 for g in gains.values()) == 2  # b and d: "less than 5% or no improvement"
 
 
-def test_finetune_bad_flags_are_argparse_errors():
-    for bad in (["--split", "all"], ["--label-fraction", "0"], ["--protocol", "probe"], ["--split", "4"]):
+def test_finetune_bad_flags_are_argparse_errors(tmp_path, capsys):
+    assert finetune.parse_args(["--pretrained", "none", "--split", "1"]).split == "1"  # the good case passes
+    for bad, says in ((["--split", "all"], "one split"), (["--label-fraction", "0"], "--label-fraction"),
+                      (["--protocol", "probe"], "invalid choice"), (["--split", "4"], "invalid choice"),
+                      (["--pretrained", str(tmp_path / "missing.pth")], "no such file")):
         with pytest.raises(SystemExit):
-            finetune.parse_args(bad)
+            finetune.parse_args(["--pretrained", "none", *bad])
+        assert says in capsys.readouterr().err, bad
 
 
 def test_retrieve_end_to_end_cache_and_features(tmp_path, monkeypatch):
