@@ -336,7 +336,7 @@ def test_data_synthetic_motion_and_box():
         moves = {"Left": step_x < 0, "Right": step_x > 0, "Up": step_y < 0, "Down": step_y > 0,
                  "Clockwise": turn > 0, "Anticlockwise": turn < 0}
         if cls in moves:
-            assert np.all(moves[cls]) and np.all(np.hypot(step_x, step_y) < 0.016 * side), cls
+            assert np.all(moves[cls]) and np.all(np.hypot(step_x, step_y) < 0.036 * side), cls
         else:
             assert np.mean(growth > 0 if cls == "Grow" else growth < 0) > 0.8, cls
         if cls in ("Grow", "Shrink"):
