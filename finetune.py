@@ -311,13 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     optim.add_argument("--wd", type=float, default=None, help="weight decay (default: 5e-4 full, 0 linear)")
     optim.add_argument("--dropout", type=float, default=None, help="dropout before the fc (default: 0.5 full, 0 linear)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", default="runs/finetune", help="run folder (default: runs/finetune)")
-    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (default: off)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the head, data order, augmentation, subset (default: 0)")
-    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA, bf16 where supported (default: off)")
-    run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
-    run.add_argument("--print-freq", type=int, default=10, help="progress-bar update every N steps (default: 10)")
+    pretrain.add_run_args(parser, "runs/finetune", training=True)
     args = pretrain.resolve_defaults(parser.parse_args(argv), SYNTHETIC_DEFAULTS, PAPER_DEFAULTS)
     for key, value in PROTOCOL_DEFAULTS[args.protocol].items():
         if getattr(args, key) is None:

@@ -402,6 +402,19 @@ def log_epoch(out: str, record: dict) -> None:
 
 # ---- command line and main ---------------------------------------------------------------
 
+def add_run_args(parser: argparse.ArgumentParser, out: str, training: bool) -> argparse._ArgumentGroup:
+    """The run flags every stage script shares: where to write, seed, GPU speed-ups (and resume)."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=out, help=f"run folder (default: {out})")
+    run.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations (default: 0)")
+    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA, bf16 where supported (default: off)")
+    run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
+    if training:
+        run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (default: off)")
+        run.add_argument("--print-freq", type=int, default=10, help="progress-bar update every N steps (default: 10)")
+    return run
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_args(parser)
@@ -435,16 +448,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "i.e. 80 120 160 of 200)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     optim.add_argument("--wd", type=float, default=5e-4, help="weight decay (default: 5e-4)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", default="runs/pretrain", help="run folder (default: runs/pretrain)")
-    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (default: off)")
-    run.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations (default: 0)")
-    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA, bf16 where supported (default: off)")
-    run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
+    run = add_run_args(parser, "runs/pretrain", training=True)
     run.add_argument("--knn-every", type=int, default=None,
                      help="kNN monitor every N epochs, 0 = only at the end (default: 4 on synthetic, else 0)")
     run.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN monitor (default: 20)")
-    run.add_argument("--print-freq", type=int, default=10, help="progress-bar update every N steps (default: 10)")
     args = resolve_defaults(parser.parse_args(argv), SYNTHETIC_DEFAULTS, PAPER_DEFAULTS)
     data.resolve_data_args(args)
     args.lr_steps = args.lr_steps or [round(args.epochs * f) for f in (0.4, 0.6, 0.8)]
@@ -469,7 +476,7 @@ def final_report(model: DSM, knn: tuple, args: argparse.Namespace, device: torch
     torch.manual_seed(args.seed)
     random_init = knn_monitor(models.build_backbone(args.arch).to(device), knn, args, device)
     if is_main():
-        print(f"kNN top-1 on the test split: DSM-pretrained {learned:.1f}% | random init {random_init:.1f}%")
+        print(f"kNN top-1 on the test split: pretrained {learned:.1f}% | random init {random_init:.1f}%")
     return {"knn_top1": learned, "knn_top1_random_init": random_init}
 
 

@@ -190,17 +190,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--clip-level", action="store_true",
                         help="rank clips, not videos: every test clip queries all train clips (default: off)")
     method.add_argument("--ks", type=int, nargs="+", default=list(KS), help="the K of Recall@K (default: 1 5 10 20 50)")
-    run = parser.add_argument_group("run")
+    run = pretrain.add_run_args(parser, "runs/retrieve", training=False)
     run.add_argument("--batch-size", type=int, default=None, help="GLOBAL videos per step (default: 16 on synthetic, else 32)")
     run.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32",
                      help="storage of the features in memory and cache; similarities are float32 (default: float32)")
-    run.add_argument("--out", default="runs/retrieve", help="run folder (default: runs/retrieve)")
     run.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/cache)")
     run.add_argument("--save-features", action="store_true",
                      help="write OUT/features.npz: train, train_labels, test, test_labels as ranked (default: off)")
-    run.add_argument("--seed", type=int, default=0, help="seed of a random init (default: 0)")
-    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA, bf16 where supported (default: off)")
-    run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
     args = pretrain.resolve_defaults(parser.parse_args(argv), SYNTHETIC_DEFAULTS, PAPER_DEFAULTS)
     data.resolve_data_args(args)
     args.cache_dir = args.cache_dir or os.path.join(args.out, "cache")
