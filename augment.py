@@ -406,11 +406,7 @@ def main() -> None:
     parser.add_argument("--tau", type=int, default=10, help="temporal shift of the negative, Eq. 4 (default: 10)")
     parser.add_argument("--positive", choices=POSITIVES, default="tps", help="positive view (default: tps)")
     parser.add_argument("--negative", choices=NEGATIVES, default="disturb", help="negative view (default: disturb)")
-    parser.add_argument("--tps-points", type=int, default=5, help="TPS control grid side (default: 5)")
-    parser.add_argument("--tps-offset", type=float, default=0.1,
-                        help="TPS offset C as a fraction of the frame size (default: 0.1)")
-    parser.add_argument("--flow-max", type=float, default=5.0, help="M, phi(t) ~ U[0, M] (default: 5.0)")
-    parser.add_argument("--flow-scale", type=float, default=1.0, help="resolution factor of the flow (default: 1.0)")
+    add_augment_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator (default: 0)")
     args = parser.parse_args()
     video, out = args.show
