@@ -904,6 +904,24 @@ def test_pretrain_queue_longer_than_dataset_is_an_error(tmp_path):
         pretrain.main(TINY + ["--moco-k", "64", "--out", str(tmp_path)])
 
 
+def test_pretrain_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    args = TINY + ["--out", str(tmp_path), "--knn-every", "0"]
+    pretrain.main(args + ["--epochs", "1"])
+    before = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    real_losses = pretrain.dsm_losses
+
+    def nan_losses(*a, **k):
+        terms = real_losses(*a, **k)
+        return {**terms, "loss": terms["loss"] * float("nan")}
+
+    monkeypatch.setattr(pretrain, "dsm_losses", nan_losses)
+    with pytest.raises(FloatingPointError, match="non-finite loss at epoch 2"):
+        pretrain.main(args + ["--epochs", "2", "--resume"])
+    after = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert after["epoch"] == 1
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+
+
 def run_pretrain(args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "pretrain.py", *args], env=env, cwd=os.path.dirname(__file__),
