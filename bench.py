@@ -70,11 +70,51 @@ def _clip_reader(path: str, indices: list[int], short_side: int) -> tuple[Callab
     return read, "PyAV decode (no data.py)"
 
 
-def bench_augment(args: argparse.Namespace) -> None:
-    """TPS warp, flow-scaled negative and one whole triplet, each against its reference (DESIGN section 7)."""
+def side_by_side(fn: Callable[[], object], reference: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Medians of fn and reference timed in alternation, so a burst of load hits both alike."""
+    import numpy as np
+
+    timeit(fn, 1, warmup=3), timeit(reference, 1, warmup=3)
+    pairs = [(timeit(fn, 1, warmup=0), timeit(reference, 1, warmup=0)) for _ in range(2 * repeat + 1)]
+    return float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
+
+
+def _video_rows(repeat: int, rng) -> list[tuple]:
+    """The flow-scaled negative and one whole triplet from a real video file, against their references."""
     import os
     import tempfile
 
+    import cv2
+    import torch
+
+    import augment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        video = os.path.join(tmp, "moving.mp4")
+        _moving_video(video)
+        anchor = [4 * i for i in range(16)]  # 16 x 4 clip, tau = 10 (Eq. 4)
+        decode, decoder = _clip_reader(video, anchor + [i + 10 for i in anchor], short_side=128)
+        frames = decode()  # (2T, H, W, 3): anchor then shifted frames
+        view = augment.BasicAugment(112, jitter=0.0)(frames[:16], rng)  # (C, T, 112, 112) real content
+        grey = augment.grey_uint8(view)
+        raw = lambda: [cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK) for t in range(15)]
+        phi = lambda: torch.from_numpy(rng.uniform(0, 5.0, size=15)).float()
+        negative = lambda: augment.scale_motion(view, augment.farneback_flow(view), phi())
+        triplet = augment.DSMTriplet(112)
+        decode_and_flow = lambda: (decode(), raw())
+
+        def sample():
+            both = decode()
+            return triplet(both[:16], both[16:], rng)
+
+        t_triplet, t_decode = side_by_side(sample, decode, repeat)
+        return [("flow-scaled negative 16x112x112", "raw Farneback calls", *side_by_side(negative, raw, repeat), 1.2),
+                (f"triplet, 320x240 mpeg4 at {frames.shape[1]}x{frames.shape[2]}", decoder, t_triplet, t_decode, None),
+                ("  same", "decode + raw Farneback", *side_by_side(sample, decode_and_flow, repeat), 2.0)]
+
+
+def bench_augment(args: argparse.Namespace) -> None:
+    """TPS warp, flow-scaled negative and one whole triplet, each against its reference (DESIGN section 7)."""
     import cv2
     import numpy as np
     import torch
@@ -86,56 +126,18 @@ def bench_augment(args: argparse.Namespace) -> None:
     # threads on a busy small machine every torch op waits on a descheduled thread (~4-16 ms).
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    def side_by_side(fn: Callable[[], object], reference: Callable[[], object]) -> tuple[float, float]:
-        """Medians of fn and reference timed in alternation, so a burst of load hits both alike."""
-        timeit(fn, 1, warmup=3), timeit(reference, 1, warmup=3)
-        pairs = [(timeit(fn, 1, warmup=0), timeit(reference, 1, warmup=0)) for _ in range(2 * args.repeat + 1)]
-        return float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
-
     rng = np.random.default_rng(0)
-    rows = []  # (what, reference, ms, reference ms, target or None)
-
     clip = torch.rand(3, 16, 112, 112)  # (C, T, H, W)
     warp = augment.TPSWarp(112, 112)
     ready = warp.grid(warp.sample_src(rng))[None]
     bare = lambda: F.grid_sample(clip.reshape(1, 48, 112, 112), ready, padding_mode="border", align_corners=False)
-    rows.append(("TPS warp 3x16x112x112", "bare grid_sample", *side_by_side(lambda: warp(clip, rng), bare), 2.0))
+    rows = [("TPS warp 3x16x112x112", "bare grid_sample", *side_by_side(lambda: warp(clip, rng), bare, args.repeat), 2.0)]
     try:
         import kornia  # noqa: F401
         print("kornia is installed but not measured: compare by hand")
     except ImportError:
         print("kornia TPS: not installed, skipped")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        video = os.path.join(tmp, "moving.mp4")
-        _moving_video(video)
-        anchor = [4 * i for i in range(16)]  # 16 x 4 clip, tau = 10 (Eq. 4)
-        decode, decoder = _clip_reader(video, anchor + [i + 10 for i in anchor], short_side=128)
-        frames = decode()  # (2T, H, W, 3): anchor then shifted frames
-        view = augment.BasicAugment(112, jitter=0.0)(frames[:16], rng)  # (C, T, 112, 112) real content
-        grey = augment.grey_uint8(view)
-        raw = lambda: [cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK) for t in range(15)]
-
-        def negative():
-            phi = torch.from_numpy(rng.uniform(0, 5.0, size=15)).float()
-            return augment.scale_motion(view, augment.farneback_flow(view), phi)
-
-        rows.append(("flow-scaled negative 16x112x112", "raw Farneback calls", *side_by_side(negative, raw), 1.2))
-
-        triplet = augment.DSMTriplet(112)
-
-        def sample():
-            both = decode()
-            return triplet(both[:16], both[16:], rng)
-
-        def decode_and_flow():
-            decode()
-            raw()
-
-        t_triplet, t_decode = side_by_side(sample, decode)
-        rows.append((f"triplet, 320x240 mpeg4 at {frames.shape[1]}x{frames.shape[2]}", decoder, t_triplet, t_decode, None))
-        rows.append(("  same", "decode + raw Farneback", *side_by_side(sample, decode_and_flow), 2.0))
-
+    rows += _video_rows(args.repeat, rng)
     print(f"torch threads {torch.get_num_threads()}, cv2 threads {cv2.getNumThreads()}, "
           f"medians of {2 * args.repeat + 1} alternating calls")
     print(f"{'hot path':36s} {'reference':26s} {'ms':>7s} {'ref ms':>7s} {'ratio':>6s}  target")
