@@ -1,7 +1,9 @@
 """Augmentations of DSM: the triplet a = b(c1), p = s(b(c2)), n = t(b(c3)) (paper, "Methodology").
 
-    b  basic augmentation: random resized crop, horizontal flip, colour jitter, each drawn
-       once per view and applied identically to every frame (temporally consistent).
+    b  basic augmentation: random resized crop and colour jitter, drawn once per view, and a
+       horizontal flip drawn once per triplet (a flip can change the class: Left becomes Right,
+       so a and p must never differ in direction); all applied identically to every frame
+       (temporally consistent).
     s  Spatial Local Disturbance: a thin-plate-spline (TPS) warp, one warp for all frames.
     t  Temporal Local Disturbance: optical-flow scaling (Eq. 3, Farneback flow from OpenCV)
        on top of the temporal shift (Eq. 4), whose frames the dataset (data.py) decodes.
@@ -73,7 +75,7 @@ def tps_system(dst: np.ndarray) -> np.ndarray:
 
 
 def tps_grid(dst: Tensor, src: Tensor, height: int, width: int) -> Tensor:
-    """(H, W, 2) grid_sample grid of the TPS f with f(dst_i) = src_i (DESIGN section 4).
+    """(H, W, 2) grid_sample grid of the TPS f with f(dst_i) = src_i.
 
     dst, src: (N, 2) (x, y) in [-1, 1]. The output pixel at dst_i samples the input at src_i.
     """
@@ -223,19 +225,20 @@ def check_frames(frames: np.ndarray, name: str) -> None:
 
 
 class BasicAugment:
-    """b: random resized crop + horizontal flip + colour jitter, drawn once per view.
+    """b: random resized crop + colour jitter, drawn once per view, and a horizontal flip chosen
+    by the caller (one coin per triplet, or none where a flip changes the class).
 
     Crop: area fraction ~ U[crop_scale], log aspect ratio ~ U[log crop_ratio] (torchvision's
     RandomResizedCrop; 10 tries, then the largest centred crop), resized to size x size.
     """
 
     def __init__(self, size: int = 112, crop_scale: tuple[float, float] = (0.3, 1.0),
-                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4, flip: bool = True):
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4):
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
         if not 0 <= jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-        self.size, self.crop_scale, self.crop_ratio, self.jitter, self.flip = size, crop_scale, crop_ratio, jitter, flip
+        self.size, self.crop_scale, self.crop_ratio, self.jitter = size, tuple(crop_scale), crop_ratio, jitter
 
     def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """(top, left, h, w) of a random crop, the same for every frame of the view."""
@@ -251,10 +254,10 @@ class BasicAugment:
         h, w = min(height, round(width / ratio)), min(width, round(height * ratio))
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> Tensor:
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator, flip: bool = False) -> Tensor:
         """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1]."""
         box = self.crop_box(frames.shape[1], frames.shape[2], rng)
-        view = resize_crop(frames, box, self.size, flip=self.flip and rng.random() < 0.5)
+        view = resize_crop(frames, box, self.size, flip=flip)
         return colour_jitter(view, self.jitter, rng)
 
 
@@ -273,11 +276,12 @@ class DSMTriplet:
               "flow" (Scaling-Of) the same on the anchor's frames | "shift" (T-Shift) n = b(c3) of
               the shifted frames | "none" no negative: returns (2, C, T, size, size).
     Flow runs on the [0, 1] view at output size, before normalisation; phi(t) ~ U[0, M] per step.
+    flip: one coin per triplet mirrors a, p and n together, so they never differ in direction.
     """
 
     def __init__(self, size: int = 112, positive: str = "tps", negative: str = "disturb",
                  tps_points: int = 5, tps_offset: float = 0.1, flow_max: float = 5.0, flow_scale: float = 1.0,
-                 crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4):
+                 crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4, flip: bool = True):
         if positive not in POSITIVES:
             raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
         if negative not in NEGATIVES:
@@ -285,7 +289,7 @@ class DSMTriplet:
         if flow_max < 0 or not 0 < flow_scale <= 1:
             raise ValueError(f"need flow_max >= 0 and 0 < flow_scale <= 1, got {flow_max}, {flow_scale}")
         self.positive, self.negative = positive, negative
-        self.M, self.flow_scale = flow_max, flow_scale
+        self.M, self.flow_scale, self.flip = flow_max, flow_scale, flip
         self.b = BasicAugment(size, crop_scale, jitter=jitter)
         self.s = TPSWarp(size, size, tps_points, tps_offset) if positive == "tps" else None
 
@@ -301,8 +305,9 @@ class DSMTriplet:
 
     def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> Tensor:
         check_frames(clip, "clip")
-        a = self.b(clip, rng)  # a = b(c1)
-        p = self.b(clip, rng)  # b(c2)
+        flip = self.flip and rng.random() < 0.5
+        a = self.b(clip, rng, flip)  # a = b(c1)
+        p = self.b(clip, rng, flip)  # b(c2)
         if self.s is not None:
             p = self.s(p, rng)  # p = s(b(c2))
         views = [a, p]
@@ -313,7 +318,7 @@ class DSMTriplet:
                 check_frames(shifted, "shifted")
                 if shifted.shape != clip.shape:
                     raise ValueError(f"shifted frames {shifted.shape} differ from clip frames {clip.shape}")
-            n = self.b(shifted if self.uses_shift else clip, rng)  # b(c3), Eq. 4 when shifted
+            n = self.b(shifted if self.uses_shift else clip, rng, flip)  # b(c3), Eq. 4 when shifted
             if self.negative in ("disturb", "flow"):
                 n = self.disturb_motion(n, rng)  # n = t(b(c3))
             views.append(n)
@@ -323,14 +328,15 @@ class DSMTriplet:
 class ClipTransform:
     """One normalised view (C, T, size, size) for fine-tuning and retrieval.
 
-    train: b (random crop, flip, colour jitter); test: the centred square of side 7/8 of the short
+    train: b (random crop, colour jitter, and a flip if `flip`); test: the centred square of side 7/8 of the short
     side, resized to size x size (deterministic, rng unused). data.py decodes at a short side of
     8/7 x size, so this is the usual 112-of-128 centre crop with no resampling.
     """
 
-    def __init__(self, size: int = 112, train: bool = True):
-        self.size, self.train = size, train
-        self.b = BasicAugment(size) if train else None
+    def __init__(self, size: int = 112, train: bool = True, flip: bool = True,
+                 crop_scale: tuple[float, float] = (0.3, 1.0)):
+        self.size, self.train, self.flip = size, train, flip
+        self.b = BasicAugment(size, crop_scale) if train else None
 
     def __call__(self, clip: np.ndarray, shifted: np.ndarray | None = None,
                  rng: np.random.Generator | None = None) -> Tensor:
@@ -338,7 +344,7 @@ class ClipTransform:
         if self.b is not None:
             if rng is None:
                 raise ValueError("ClipTransform(train=True) draws its crop from rng; got rng=None")
-            return normalise_(self.b(clip, rng))
+            return normalise_(self.b(clip, rng, self.flip and rng.random() < 0.5))
         _, H, W, _ = clip.shape
         side = round(min(H, W) * 7 / 8)
         return normalise_(resize_crop(clip, ((H - side) // 2, (W - side) // 2, side, side), self.size))

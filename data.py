@@ -64,6 +64,11 @@ def sample_shift(rng: np.random.Generator, alpha1: int, alpha2: int) -> int:
     return int(rng.integers(alpha1, alpha2 + 1))
 
 
+def last_start(num_frames: int, span: int) -> int:
+    """The last start at which a clip covering `span` frames ends inside the video (0 if none does)."""
+    return max(num_frames - span, 0)
+
+
 def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
     """Starts of the K test clips, spaced uniformly over the video.
 
@@ -73,7 +78,7 @@ def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> 
     K clips start at frame 0 and loop, i.e. the same clip K times.
     """
     assert num_frames > 0 and num_clips > 0, (num_frames, num_clips)
-    free = max(num_frames - ((clip_len - 1) * stride + 1), 0)
+    free = last_start(num_frames, (clip_len - 1) * stride + 1)
     return [(2 * k + 1) * free // (2 * num_clips) for k in range(num_clips)]
 
 
@@ -380,13 +385,13 @@ class _Synthetic:
     label: int
     scene: int
     speed: float            # pixels per frame
-    size: float             # object side or diameter; grow/shrink run a sawtooth around it
+    size: float             # object side or diameter; grow/shrink ramp from 0.5x to 1.5x of it
     disk: bool
     colours: np.ndarray     # (2, 3) the object's checker colours
     cells: int              # checker cells across the object
     x0: float
     y0: float
-    theta0: float           # start angle of the orbit; start phase of the size sawtooth
+    theta0: float           # start angle of the orbit
     radius: float           # orbit radius
     bg_shift: np.ndarray    # (2,) background offset, in frame sides
     bg_freq: float
@@ -454,9 +459,10 @@ class SyntheticVideos:
         if v.label < 6:  # y points down, so a growing angle turns clockwise on screen
             theta = v.theta0 + (travel if v.label == 4 else -travel) / v.radius
             return side / 2 + v.radius * np.cos(theta), side / 2 + v.radius * np.sin(theta), v.size
-        low, high = 0.5 * v.size, 1.5 * v.size  # sawtooth, so the size never runs out
-        grown = (v.theta0 / (2 * np.pi) * (high - low) + travel / 2) % (high - low)  # half speed: longer ramps
-        return v.x0, v.y0, (low + grown) if v.label == 6 else (high - grown)
+        # One ramp over the whole video, no reset: a size that jumps back is a jump cut. Over any
+        # window of frames Grow and Shrink show the same sizes, in opposite orders.
+        grown = v.size * t / max(self.num_frames - 1, 1)  # 0.5 size -> 1.5 size over the video
+        return v.x0, v.y0, 0.5 * v.size + (grown if v.label == 6 else v.size - grown)
 
     def box(self, i: int, t: int) -> tuple[float, float, float, float]:
         """x0, y0, x1, y1 in pixels of the object in frame t. A box that reaches past an edge of the
@@ -615,15 +621,19 @@ class ClipDataset(torch.utils.data.Dataset):
                     _warned.add(self.source.name(j))
                     warnings.warn(f"skipping bad video {error}", BadVideoWarning, stacklevel=2)
                 continue
-            return {"views": views, "label": self.source.label(j), "index": j, "skipped": skipped}
+            scene = self.source.scene(j) if hasattr(self.source, "scene") else -1  # -1: not known
+            return {"views": views, "label": self.source.label(j), "scene": scene, "index": j, "skipped": skipped}
         raise RuntimeError(f"{len(reasons)} bad videos in a row from index {i}; the last: {reasons[-1]}")
 
     def _train_views(self, j: int, rng: np.random.Generator):
+        span = (self.clip_len - 1) * self.stride + 1
+
         def choose(num_frames: int) -> list[int]:
             if self.static:  # Fig. 1 diagnostic: one random frame, no motion at all
                 anchor = [int(rng.integers(num_frames))] * self.clip_len
-            else:
-                anchor = temporal_indices(num_frames, int(rng.integers(num_frames)), self.clip_len, self.stride)
+            else:  # a clip must not jump: it starts where it fits, and only a too-short video loops
+                anchor = temporal_indices(num_frames, int(rng.integers(last_start(num_frames, span) + 1)),
+                                          self.clip_len, self.stride)
             if self.shift is None:
                 return anchor
             tau = sample_shift(rng, *self.shift)
@@ -656,7 +666,11 @@ class ClipDataset(torch.utils.data.Dataset):
 
 # Clip geometry when --size/--clip-len/--stride are not given: the paper's 16 x 4 frames at 224
 # (C3D users pass --size 112), and a CPU-sized clip for the built-in synthetic videos.
-CLIP_DEFAULTS = {"synthetic": dict(size=64, clip_len=8, stride=2), "paper": dict(size=224, clip_len=16, stride=4)}
+# Basic augmentation b is a property of the dataset too: the synthetic classes come in mirror
+# pairs (a flip turns Left into Right), so no flip there; its 64-pixel frames hold a 16-pixel
+# object that crops below 0.6 of the area lose too often (`python bench.py crops`).
+CLIP_DEFAULTS = {"synthetic": dict(size=64, clip_len=8, stride=2, flip="off", crop_scale=[0.6, 1.0]),
+                 "paper": dict(size=224, clip_len=16, stride=4, flip="on", crop_scale=[0.3, 1.0])}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -672,6 +686,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="crop size; frames are decoded at short side 8/7 of it (default: 64 on synthetic, else 224)")
     group.add_argument("--clip-len", type=int, default=None, help="frames T per clip (default: 8 on synthetic, else 16)")
     group.add_argument("--stride", type=int, default=None, help="temporal stride (default: 2 on synthetic, else 4)")
+    group.add_argument("--flip", choices=("on", "off"), default=None,
+                       help="random horizontal flip, one coin per sample (default: off on synthetic, whose classes "
+                            "are mirror pairs, else on)")
+    group.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                       help="area fraction of the random resized crop (default: 0.6 1 on synthetic, else 0.3 1)")
     group.add_argument("--shift-min", type=int, default=None,
                        help="alpha1 of the temporal shift, frames (default: 4 on kinetics, else 2)")
     group.add_argument("--shift-max", type=int, default=None,
@@ -689,6 +708,8 @@ def resolve_data_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in CLIP_DEFAULTS["synthetic" if args.dataset == "synthetic" else "paper"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise SystemExit(f"need 0 < LO <= HI <= 1 for --crop-scale, got {args.crop_scale}")
     alpha1, alpha2 = SHIFT_DEFAULTS[args.dataset]
     args.shift_min = alpha1 if args.shift_min is None else args.shift_min
     args.shift_max = alpha2 if args.shift_max is None else args.shift_max

@@ -75,8 +75,9 @@ class EpochSubset(torch.utils.data.Subset):
 
 def training_set(args: argparse.Namespace, source) -> torch.utils.data.Dataset:
     """Train-split clips with the basic augmentation; --static: one frame repeated (Fig. 1)."""
-    dataset = data.ClipDataset(source, args.clip_len, args.stride, augment.ClipTransform(args.size, train=True),
-                               mode="train", static=args.static, seed=args.seed)
+    transform = augment.ClipTransform(args.size, train=True, flip=args.flip == "on", crop_scale=args.crop_scale)
+    dataset = data.ClipDataset(source, args.clip_len, args.stride, transform, mode="train", static=args.static,
+                               seed=args.seed)
     if args.label_fraction == 1:
         return dataset
     kept = balanced_subset([source.label(i) for i in range(len(source))], args.label_fraction, args.seed)

@@ -96,26 +96,39 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
 
 # ---- the model: query encoder, momentum encoder, queue -----------------------------------
 
+def split_bn(encoder: nn.Module, x: torch.Tensor, splits: int) -> torch.Tensor:
+    """encoder(x) with BatchNorm statistics over `splits` equal sub-batches, as `splits` devices
+    would compute them: MoCo's single-GPU "split BatchNorm", without touching the network."""
+    assert len(x) % splits == 0, f"a batch of {len(x)} does not split into {splits} BatchNorm groups"
+    return torch.cat([encoder(chunk) for chunk in x.chunk(splits)])
+
+
 class DSM(nn.Module):
     """f_q, its momentum copy f_k and a queue of K key embeddings (MoCo) for the DSM triplet.
 
-    The paper does not say which encoder embeds the negative n. We embed it with f_q, in the
-    same forward pass as the anchor a: the point of n is to push f_q's embedding of a clip with
-    broken motion away from that of the intact clip (Eq. 5 and Eq. 7), and only an encoder that
-    sees both clips, with gradient, can learn to tell them apart. Through f_k (no gradient) n
-    would land next to p, which shares its scene, and the n terms would teach f_q nothing. The
-    positive p is MoCo's key k+: f_k(p), with shuffle-BN. The queue holds z_p of past batches,
-    Eq. 7's embeddings of other videos.
+    z_a = f_q(a) is the query. p is MoCo's key k+: z_p = f_k(p), shuffle-BN, no gradient; the
+    queue holds z_p of past batches, Eq. 7's embeddings of other videos, with the index of the
+    video each came from. The paper does not say which encoder embeds n: `n_encoder` "q" is f_q
+    (gradient reaches f_q through both z_a and z_n), "k" is f_k like every other key (gradient
+    through z_a alone). `p_encoder` "q" embeds p with f_q too: Eq. 5's single network f.
+    `bn_splits` > 1 emulates shuffle-BN on one process: every encoder sees the batch as that
+    many sub-batches with their own BatchNorm statistics, the keys shuffled before the split.
+    `mask_own` leaves queue keys of the anchor's own video out of Eq. 7's denominator.
     """
 
-    def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07):
+    def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07,
+                 bn_splits: int = 1, n_encoder: str = "q", p_encoder: str = "k", mask_own: bool = True):
         super().__init__()
-        self.K, self.m, self.tau = K, m, tau
+        assert n_encoder in ("q", "k") and p_encoder in ("q", "k"), (n_encoder, p_encoder)
+        assert K == 0 or p_encoder == "k", "the queue holds keys: Eq. 7 needs p through f_k"
+        self.K, self.m, self.tau, self.bn_splits = K, m, tau, bn_splits
+        self.n_encoder, self.p_encoder, self.mask_own = n_encoder, p_encoder, mask_own
         self.encoder_q = models.Encoder(arch, dim)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for param_k in self.encoder_k.parameters():
             param_k.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (D, K) random unit vectors
+        self.register_buffer("queue_video", torch.full((K,), -1, dtype=torch.long))  # (K,) video of each key
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     @torch.no_grad()
@@ -124,38 +137,49 @@ class DSM(nn.Module):
             param_k.mul_(self.m).add_(param_q.detach(), alpha=1 - self.m)  # theta_k <- m theta_k + (1 - m) theta_q
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        keys = concat_all_gather(keys)  # (world * B, D): every rank's keys, so all queues stay equal
+    def enqueue(self, keys: torch.Tensor, video: torch.Tensor) -> None:
+        keys, video = concat_all_gather(keys), concat_all_gather(video)  # every rank's keys: all queues stay equal
         assert keys.shape[0] <= self.K, "the queue must hold at least one global batch of keys"
         slots = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
         self.queue[:, slots] = keys.T.to(self.queue.dtype)  # FIFO: overwrite the oldest keys, wrapping at K
+        self.queue_video[slots] = video
         self.queue_ptr[0] = (self.queue_ptr[0] + keys.shape[0]) % self.K
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
-        self.momentum_update()
-        if world_size() == 1:
-            return self.encoder_k(x)
+        """f_k(x) with shuffle-BN: across ranks under DDP, across the bn_splits groups on one process."""
         x, idx_unshuffle = batch_shuffle(x)
-        return batch_unshuffle(self.encoder_k(x), idx_unshuffle)
+        return batch_unshuffle(split_bn(self.encoder_k, x, self.bn_splits), idx_unshuffle)
 
-    def forward(self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """a, p, n: (B, C, T, H, W) -> z_a, z_p, z_n (B, D) and, with a queue, the Eq. 7 logits."""
-        z_q = self.encoder_q(a if n is None else torch.cat([a, n]))  # (B or 2B, D), unit norm
-        z_a, z_n = z_q[:a.shape[0]], (None if n is None else z_q[a.shape[0]:])
-        z_p = self.encode_keys(p)  # (B, D), no gradient
+    def embed(self, x: torch.Tensor, encoder: str) -> torch.Tensor:
+        return split_bn(self.encoder_q, x, self.bn_splits) if encoder == "q" else self.encode_keys(x)
+
+    def forward(self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
+                video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """a, p, n: (B, C, T, H, W), video: (B,) dataset index -> z_a, z_p, z_n (B, D) and the Eq. 7 logits."""
+        self.momentum_update()
+        z_a = self.embed(a, "q")  # (B, D), unit norm
+        z_p = self.embed(p, self.p_encoder)  # (B, D)
+        z_n = None if n is None else self.embed(n, self.n_encoder)  # (B, D)
         out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
         if self.K > 0:
-            out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau)
-            self.enqueue(z_p)
+            own = self.queue_video[None] == video[:, None] if self.mask_own else None  # (B, K)
+            out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau, own)
+            self.enqueue(z_p, video)
         return out
 
 
 def contrastive_logits(z_a: torch.Tensor, z_p: torch.Tensor, z_n: torch.Tensor | None, queue: torch.Tensor,
-                       tau: float) -> torch.Tensor:
-    """Logits of Eq. 7, the positive at index 0: [z_a.z_p, z_a.z_n, z_a.queue] / tau, (B, 2 + K)."""
+                       tau: float, own: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of Eq. 7, the positive at index 0: [z_a.z_p, z_a.z_n, z_a.queue] / tau, (B, 2 + K).
+
+    own (B, K): queue keys of the anchor's own video, left out of the denominator (logit -inf).
+    """
     l_pos = (z_a * z_p).sum(1, keepdim=True)  # (B, 1)  z_a . z_p
-    l_neg = [z_a @ queue]  # (B, K)  z_a . k for the K keys of other videos
+    l_queue = z_a @ queue  # (B, K)  z_a . k for the K keys of other videos
+    if own is not None:
+        l_queue = l_queue.masked_fill(own, float("-inf"))
+    l_neg = [l_queue]
     if z_n is not None:
         l_neg.insert(0, (z_a * z_n).sum(1, keepdim=True))  # (B, 1)  z_a . z_n, the intra-video negative
     return torch.cat([l_pos, *l_neg], dim=1) / tau
@@ -167,6 +191,11 @@ def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float, triplet_w
     if loss in ("contrastive", "both"):
         logits = out["logits"].float()
         terms["contrastive"] = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))  # Eq. 7
+        with torch.no_grad():  # what Eq. 7's softmax gives the positive and the intra-video negative
+            prob = logits.softmax(dim=1)
+            terms["p_p"] = prob[:, 0].mean()
+            if out.get("z_n") is not None:
+                terms["p_n"] = prob[:, 1].mean()
     if loss in ("triplet", "both"):
         d_ap = (out["z_a"] - out["z_p"]).norm(dim=1)  # d(z_a, z_p) = ||z_a - z_p||_2
         d_an = (out["z_a"] - out["z_n"]).norm(dim=1)  # d(z_a, z_n)
@@ -208,7 +237,8 @@ def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.ut
     """Triplets (a, p, n) from the training split; Table 4's rows choose the disturbances."""
     transform = augment.DSMTriplet(args.size, positive=args.positive, negative=args.negative,
                                    tps_points=args.tps_points, tps_offset=args.tps_offset,
-                                   flow_max=args.flow_max, flow_scale=args.flow_scale)
+                                   flow_max=args.flow_max, flow_scale=args.flow_scale,
+                                   crop_scale=args.crop_scale, flip=args.flip == "on")
     shift = (args.shift_min, args.shift_max) if args.negative in ("disturb", "shift") else None  # Eq. 4
     dataset = data.ClipDataset(data.build_source(args, train=True), args.clip_len, args.stride, transform,
                                shift=shift, mode="train", seed=args.seed)
@@ -229,12 +259,13 @@ def check_finite(terms: dict[str, float], epoch: int, step: int) -> None:
                                  "good checkpoint is kept. Try a lower --lr or turn off --amp.")
 
 
-def train_step(model: nn.Module, views: torch.Tensor, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, views: torch.Tensor, video: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, args: argparse.Namespace, amp_dtype: torch.dtype | None) -> dict:
-    """One SGD step on a batch of triplets `views` (B, 3, C, T, H, W) (or (B, 2, ...) without a negative)."""
+    """One step on a batch of triplets `views` (B, 3, C, T, H, W) (or (B, 2, ...) without a negative)
+    of the videos `video` (B,)."""
     a, p, n = (as_input(views[:, i], args) if i < views.shape[1] else None for i in range(3))
     with torch.autocast(views.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        terms = dsm_losses(model(a, p, n), args.loss, args.margin, args.triplet_weight)
+        terms = dsm_losses(model(a, p, n, video), args.loss, args.margin, args.triplet_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms["loss"]).backward()
     scaler.step(optimizer)
@@ -258,8 +289,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     t_start = t_ready = time.perf_counter()
     for step, batch in enumerate(loader, 1):
         wait += time.perf_counter() - t_ready
-        views = batch["views"].to(device, non_blocking=True)
-        for k, v in train_step(model, views, optimizer, scaler, args, amp_dtype).items():
+        views, video = batch["views"].to(device, non_blocking=True), batch["index"].to(device)
+        for k, v in train_step(model, views, video, optimizer, scaler, args, amp_dtype).items():
             sums[k] = sums.get(k, 0.0) + v
         skipped += int((batch["skipped"] > 0).sum())  # sample i skips exactly when video i is bad
         seen += len(views) * world_size()
@@ -301,22 +332,24 @@ def knn_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple:
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised, average-pooled backbone features (N, C) and labels (N,) of the whole split, on every rank."""
+def embed(backbone: nn.Module, loader: torch.utils.data.DataLoader,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-normalised, average-pooled backbone features (N, C), labels (N,) and scenes (N,; -1 where
+    not known) of the whole split, on every rank."""
     backbone.eval()
-    feats, labels, index = [], [], []
+    feats, labels, scenes, index = [], [], [], []
     for batch in loader:
         x = batch["views"].to(device).flatten(0, 1)  # (B * clips, C, T, H, W)
         f = backbone(x).float().mean(dim=(2, 3, 4))  # (B * clips, C) global average pool
         feats.append(f.view(len(batch["label"]), -1, f.shape[1]).mean(1))  # (B, C) mean over a video's clips
         labels.append(batch["label"].to(device))
+        scenes.append(batch["scene"].to(device))
         index.append(batch["index"].to(device))
-    feats, labels, index = (concat_all_gather(torch.cat(t)) for t in (feats, labels, index))
+    feats, labels, scenes, index = (concat_all_gather(torch.cat(t)) for t in (feats, labels, scenes, index))
     n = len(loader.dataset)  # the sampler pads shards with repeats: put every video back in its own row
-    out_f = feats.new_zeros(n, feats.shape[1]).index_copy_(0, index, feats)
-    out_y = labels.new_zeros(n).index_copy_(0, index, labels)
     read = torch.zeros(n, dtype=torch.bool, device=index.device).index_fill_(0, index, True)  # bad videos: never read
-    return F.normalize(out_f[read], dim=1), out_y[read]
+    out_f, out_y, out_s = (t.new_zeros(n, *t.shape[1:]).index_copy_(0, index, t)[read] for t in (feats, labels, scenes))
+    return F.normalize(out_f, dim=1), out_y, out_s
 
 
 def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
@@ -332,11 +365,16 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
     return 100.0 * correct / len(test_f)
 
 
-def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, device: torch.device) -> float:
-    """kNN top-1 (%) of test-split videos among train-split videos, in the backbone's feature space."""
-    train_f, train_y = embed(backbone, loaders[0], device)
-    test_f, test_y = embed(backbone, loaders[1], device)
-    return knn_top1(train_f, train_y, test_f, test_y, k=args.knn_k)
+def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, device: torch.device) -> dict:
+    """kNN top-1 (%) of test-split videos among train-split videos in the backbone's feature space:
+    on the motion classes ("knn_top1") and, where scenes are known, on the scene ("knn_scene_top1").
+    Decoupling shows as the first up and the second down."""
+    train_f, train_y, train_s = embed(backbone, loaders[0], device)
+    test_f, test_y, test_s = embed(backbone, loaders[1], device)
+    out = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=args.knn_k)}
+    if bool((train_s >= 0).all()) and bool((test_s >= 0).all()):
+        out["knn_scene_top1"] = knn_top1(train_f, train_s, test_f, test_s, k=args.knn_k)
+    return out
 
 
 # ---- checkpoints and logs (rank 0 alone writes) -------------------------------------------
@@ -433,6 +471,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--moco-m", type=float, default=0.99, help="momentum m of f_k (default: 0.99)")
     method.add_argument("--moco-t", type=float, default=0.07,
                         help="temperature tau of Eq. 7; the paper writes 1, its code uses 0.07 (default: 0.07)")
+    method.add_argument("--n-encoder", choices=["q", "k"], default="q",
+                        help="which encoder embeds the negative n: q = f_q, with gradient; k = the momentum encoder "
+                             "f_k, like the queue's keys (default: q)")
+    method.add_argument("--p-encoder", choices=["q", "k"], default="k",
+                        help="which encoder embeds the positive p; q (one network f, as Eq. 5 is written) only with "
+                             "--loss triplet, since the queue holds f_k's keys (default: k)")
+    method.add_argument("--mask-own", choices=["on", "off"], default="on",
+                        help="leave queue keys of the anchor's own video out of Eq. 7 (default: on)")
+    method.add_argument("--bn-splits", type=int, default=None,
+                        help="BatchNorm groups per process, the keys shuffled across them: shuffle-BN on a single "
+                             "process (default: 4 on one process, 1 per rank under torchrun)")
     method.add_argument("--margin", type=float, default=0.5, help="triplet margin of Eq. 5 (default: 0.5)")
     method.add_argument("--triplet-weight", type=float, default=1.0, help="weight of Eq. 5 with --loss both (default: 1.0)")
     optim = parser.add_argument_group("optimisation (paper: Pre-training Settings)")
@@ -456,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lr_steps = args.lr_steps or [round(args.epochs * f) for f in (0.4, 0.6, 0.8)]
     if args.loss != "contrastive" and args.negative == "none":
         parser.error(f"--loss {args.loss} needs a negative for Eq. 5: choose --negative disturb, flow or shift")
+    if args.loss != "triplet" and args.p_encoder == "q":
+        parser.error("--p-encoder q needs --loss triplet: Eq. 7's queue holds keys of the momentum encoder f_k")
     if args.loss != "triplet" and args.moco_k < args.batch_size:
         parser.error(f"--moco-k {args.moco_k} must hold at least one global batch (--batch-size {args.batch_size})")
     return args
@@ -475,8 +526,12 @@ def final_report(model: DSM, knn: tuple, args: argparse.Namespace, device: torch
     torch.manual_seed(args.seed)
     random_init = knn_monitor(models.build_backbone(args.arch).to(device), knn, args, device)
     if is_main():
-        print(f"kNN top-1 on the test split: pretrained {learned:.1f}% | random init {random_init:.1f}%")
-    return {"knn_top1": learned, "knn_top1_random_init": random_init}
+        print(f"kNN top-1 on the test split, motion classes: pretrained {learned['knn_top1']:.1f}% | "
+              f"random init {random_init['knn_top1']:.1f}%")
+        if "knn_scene_top1" in learned:
+            print(f"kNN top-1 on the test split, scene label:    pretrained {learned['knn_scene_top1']:.1f}% | "
+                  f"random init {random_init['knn_scene_top1']:.1f}%  (lower = less scene)")
+    return {**learned, **{k + "_random_init": v for k, v in random_init.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -486,7 +541,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     loader = pretrain_loader(args, rank, world)
     check_queue(args, len(loader.dataset))
-    model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t).to(device)
+    args.bn_splits = args.bn_splits or (4 if world == 1 else 1)
+    assert (args.batch_size // world) % args.bn_splits == 0, \
+        f"the per-rank batch {args.batch_size // world} must split into --bn-splits {args.bn_splits} groups"
+    model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
+                args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on").to(device)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(args, device) == torch.float16)
     if is_main():
@@ -503,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
         set_epoch(loader, epoch)
         stats = train_one_epoch(ddp_model, loader, optimizer, scaler, args, epoch, device)
         if args.knn_every and (epoch + 1) % args.knn_every == 0 and epoch + 1 < args.epochs:
-            stats["knn_top1"] = knn_monitor(model.encoder_q.backbone, knn, args, device)
+            stats.update(knn_monitor(model.encoder_q.backbone, knn, args, device))
         if epoch + 1 == args.epochs:
             stats.update(final_report(model, knn, args, device))
         if is_main():
