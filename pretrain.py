@@ -96,11 +96,34 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
 
 # ---- the model: query encoder, momentum encoder, queue -----------------------------------
 
-def split_bn(encoder: nn.Module, x: torch.Tensor, splits: int) -> torch.Tensor:
-    """encoder(x) with BatchNorm statistics over `splits` equal sub-batches, as `splits` devices
-    would compute them: MoCo's single-GPU "split BatchNorm", without touching the network."""
-    assert len(x) % splits == 0, f"a batch of {len(x)} does not split into {splits} BatchNorm groups"
-    return torch.cat([encoder(chunk) for chunk in x.chunk(splits)])
+class SplitBatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm3d whose training statistics come from `splits` interleaved sub-batches (sample i in
+    group i mod splits), in one call: what `splits` devices of a DDP run would each compute.
+    MoCo's single-GPU demo does the same with a 2D SplitBatchNorm."""
+
+    splits = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        N, C = x.shape[:2]  # (N, C, T, H, W)
+        assert N % self.splits == 0, f"a batch of {N} does not split into {self.splits} BatchNorm groups"
+        mean, var = self.running_mean.repeat(self.splits), self.running_var.repeat(self.splits)
+        grouped = x.reshape(N // self.splits, C * self.splits, *x.shape[2:])  # group g = channels g*C..(g+1)*C-1
+        out = F.batch_norm(grouped, mean, var, self.weight.repeat(self.splits), self.bias.repeat(self.splits),
+                           True, self.momentum, self.eps)
+        self.running_mean.copy_(mean.view(self.splits, C).mean(0))  # the groups' running statistics, averaged
+        self.running_var.copy_(var.view(self.splits, C).mean(0))
+        return out.view_as(x)
+
+
+def split_batchnorm_(model: nn.Module, splits: int) -> nn.Module:
+    """Make every BatchNorm3d of `model` a SplitBatchNorm3d over `splits` groups, in place; the
+    parameters and the state_dict keys stay as they are."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.__class__, m.splits = SplitBatchNorm3d, splits
+    return model
 
 
 class DSM(nn.Module):
@@ -112,7 +135,8 @@ class DSM(nn.Module):
     (gradient reaches f_q through both z_a and z_n), "k" is f_k like every other key (gradient
     through z_a alone). `p_encoder` "q" embeds p with f_q too: Eq. 5's single network f.
     `bn_splits` > 1 emulates shuffle-BN on one process: every encoder sees the batch as that
-    many sub-batches with their own BatchNorm statistics, the keys shuffled before the split.
+    many sub-batches with their own BatchNorm statistics (SplitBatchNorm3d), the keys shuffled
+    before they are grouped.
     `mask_own` leaves queue keys of the anchor's own video out of Eq. 7's denominator.
     """
 
@@ -121,9 +145,9 @@ class DSM(nn.Module):
         super().__init__()
         assert n_encoder in ("q", "k") and p_encoder in ("q", "k"), (n_encoder, p_encoder)
         assert K == 0 or p_encoder == "k", "the queue holds keys: Eq. 7 needs p through f_k"
-        self.K, self.m, self.tau, self.bn_splits = K, m, tau, bn_splits
+        self.K, self.m, self.tau = K, m, tau
         self.n_encoder, self.p_encoder, self.mask_own = n_encoder, p_encoder, mask_own
-        self.encoder_q = models.Encoder(arch, dim)
+        self.encoder_q = split_batchnorm_(models.Encoder(arch, dim), bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for param_k in self.encoder_k.parameters():
             param_k.requires_grad = False
@@ -149,10 +173,10 @@ class DSM(nn.Module):
     def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
         """f_k(x) with shuffle-BN: across ranks under DDP, across the bn_splits groups on one process."""
         x, idx_unshuffle = batch_shuffle(x)
-        return batch_unshuffle(split_bn(self.encoder_k, x, self.bn_splits), idx_unshuffle)
+        return batch_unshuffle(self.encoder_k(x), idx_unshuffle)
 
     def embed(self, x: torch.Tensor, encoder: str) -> torch.Tensor:
-        return split_bn(self.encoder_q, x, self.bn_splits) if encoder == "q" else self.encode_keys(x)
+        return self.encoder_q(x) if encoder == "q" else self.encode_keys(x)
 
     def forward(self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                 video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -246,6 +270,13 @@ def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.ut
 
 
 # ---- training ----------------------------------------------------------------------------
+
+def make_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The paper's SGD (momentum 0.9, weight decay 5e-4), or AdamW with the same weight decay."""
+    if args.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+
 
 def learning_rate(args: argparse.Namespace, epoch: int) -> float:
     """Step schedule: x0.1 at each of --lr-steps (the paper: 80/120/160 of 200 epochs)."""
@@ -494,6 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--lr-steps", type=int, nargs="+", default=None,
                        help="epochs where lr is multiplied by 0.1 (default: 40%%, 60%%, 80%% of --epochs, "
                             "i.e. 80 120 160 of 200)")
+    optim.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                       help="sgd = the paper's SGD with momentum; adam = AdamW (default: sgd)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     optim.add_argument("--wd", type=float, default=5e-4, help="weight decay (default: 5e-4)")
     run = add_run_args(parser, "runs/pretrain", training=True)
@@ -546,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
         f"the per-rank batch {args.batch_size // world} must split into --bn-splits {args.bn_splits} groups"
     model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
                 args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on").to(device)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    optimizer = make_optimizer(model.encoder_q.parameters(), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(args, device) == torch.float16)
     if is_main():
         os.makedirs(args.out, exist_ok=True)
