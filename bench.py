@@ -1,4 +1,4 @@
-"""Speed and memory of the hot paths, as ratios against their references (DESIGN section 7).
+"""Speed and memory of the hot paths, as ratios against their references.
 
 Every number is measured side by side in one run on this machine, so the ratios hold on
 a noisy shared machine where absolute times do not.
@@ -114,7 +114,7 @@ def _video_rows(repeat: int, rng) -> list[tuple]:
 
 
 def bench_augment(args: argparse.Namespace) -> None:
-    """TPS warp, flow-scaled negative and one whole triplet, each against its reference (DESIGN section 7)."""
+    """TPS warp, flow-scaled negative and one whole triplet, each against its reference and target ratio."""
     import cv2
     import numpy as np
     import torch
@@ -148,8 +148,6 @@ def bench_augment(args: argparse.Namespace) -> None:
 
 BENCHES["augment"] = bench_augment
 
-# (bench_augment goes here)
-
 # ---- model -----------------------------------------------------------------
 import torch
 import torchvision
@@ -172,7 +170,7 @@ def forward_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[float
 
 def bench_model(args: argparse.Namespace) -> None:
     """Forward+backward per 16x112x112 clip on the CPU for every arch, as GFLOP/s next to
-    torchvision's r3d_18: the same work per FLOP should cost the same (DESIGN section 7).
+    torchvision's r3d_18: the same work per FLOP should cost the same.
 
     The nets take turns, one step each per round, and each keeps its fastest round: a load
     spike from a neighbour then slows one round of every net, not all rounds of one."""
@@ -220,7 +218,6 @@ def bench_model_table(args: argparse.Namespace) -> None:
 
 
 BENCHES["model-table"] = bench_model_table
-# (bench_model goes here)
 
 
 # ---- train -----------------------------------------------------------------
@@ -251,7 +248,7 @@ def time_dsm_steps(model: torch.nn.Module, views: torch.Tensor, steps: int) -> f
 
 def bench_train(args: argparse.Namespace) -> None:
     """A DSM training step: our r3d18 against the same network from torchvision parts
-    (DESIGN section 7: <= 1.1x), and the default `mini` run's clips/s and data wait."""
+    (target: at most 1.1x its time), and the default `mini` run's clips/s and data wait."""
     import pretrain
 
     torch.manual_seed(0)
@@ -343,7 +340,7 @@ def peak_memory_of(fn: Callable[[], object]) -> tuple[float, int]:
 
 def bench_retrieval(args: argparse.Namespace) -> None:
     """retrieve.recall_at_k on UCF101-sized random features against one plain `query @ gallery.T`
-    of the same sizes (DESIGN section 7: <= 1.3x, never the N x M x D tensor). Each is timed once:
+    of the same sizes (target: at most 1.3x its time, and never the N x M x D tensor). Each is timed once:
     at these sizes one call is ~4 TFLOP. Flags: --gallery 10000 --queries 4000 --dim 50000."""
     import retrieve
 
@@ -433,7 +430,7 @@ def _results_row(folder: str, supervised: str) -> dict[str, float]:
 
 
 def bench_results(args: argparse.Namespace) -> None:
-    """The README's synthetic results table (issue 5): rows random init, supervised, MoCo baseline,
+    """The README's synthetic results table: rows random init, supervised, MoCo baseline,
     DSM (Triplet), DSM; columns video top-1 (%) of the linear probe and of fine-tuning on the
     scene-independent test split and on the scene-biased train split, retrieval R@1 and R@5.
     Every run lands in OUT/seedS/<row>/...; a finished run is not run again, so a killed table
@@ -476,7 +473,6 @@ def bench_results(args: argparse.Namespace) -> None:
 
 BENCHES["results"] = bench_results
 OWN_FLAGS.add("results")
-# (bench_retrieval goes here)
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def training_set(args: argparse.Namespace, source) -> torch.utils.data.Dataset:
 
 
 def test_set(args: argparse.Namespace, source) -> data.ClipDataset:
-    """K = --test-clips centre-cropped clips per video, spaced uniformly (Evaluation Settings)."""
+    """--test-clips centre-cropped clips per video, spaced uniformly (Evaluation Settings)."""
     return data.ClipDataset(source, args.clip_len, args.stride, augment.ClipTransform(args.size, train=False),
                             mode="test", test_clips=args.test_clips, seed=args.seed)
 
@@ -187,19 +187,19 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
 @torch.no_grad()
 def predict(model: nn.Module, loader: torch.utils.data.DataLoader, args: argparse.Namespace,
             device: torch.device) -> dict[str, torch.Tensor]:
-    """Per video of the split, on every rank: "probs" (N, classes) the mean of its K clips'
+    """Per video of the split, on every rank: "probs" (N, classes) the mean of its test clips'
     softmaxes, "clip_top1"/"clip_top5" how many of its clips are right, "label", and "read",
     False for a bad video that was skipped (its row is otherwise zeros)."""
     model.eval()
     amp_dtype = pretrain.amp_dtype_for(args, device)
     rows = {"probs": [], "clip_top1": [], "clip_top5": [], "label": [], "index": []}
     for batch in tqdm(loader, desc="test", disable=not is_main(), leave=False):
-        views = batch["views"].to(device, non_blocking=True)  # (B, K, C, T, H, W)
+        views = batch["views"].to(device, non_blocking=True)  # (B, num_clips, C, T, H, W)
         labels = batch["label"].to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(pretrain.as_input(views.flatten(0, 1), args))  # (B * K, classes)
-        probs = logits.float().softmax(1).view(*views.shape[:2], -1)  # (B, K, classes)
-        hits = probs.topk(min(5, probs.shape[2]), dim=2).indices == labels[:, None, None]  # (B, K, 5)
+            logits = model(pretrain.as_input(views.flatten(0, 1), args))  # (B * num_clips, classes)
+        probs = logits.float().softmax(1).view(*views.shape[:2], -1)  # (B, num_clips, classes)
+        hits = probs.topk(min(5, probs.shape[2]), dim=2).indices == labels[:, None, None]  # (B, num_clips, 5)
         rows["clip_top1"].append(hits[..., 0].sum(1))
         rows["clip_top5"].append(hits.any(2).sum(1))
         rows["probs"].append(probs.mean(1))  # the video's prediction: the mean of its clips' results

@@ -7,7 +7,7 @@ L2-normalised. This file holds:
 
     build_backbone(arch)      f: (B, 3, T, H, W) -> last feature map (B, C, T', H', W')
     Encoder(arch, dim=128)    z = normalise(fc(GAP(f(x))))  -- z_a, z_p, z_n of the triplet
-    Classifier(arch, K)       fine-tuning / linear-probe head: GAP -> dropout -> fc
+    Classifier(arch, num_classes)   fine-tuning / linear-probe head: GAP -> dropout -> fc
     retrieval_features(map)   adaptive max-pool to C x 2 x 7 x 7, flattened (Tables 2-3)
     save_checkpoint / load_checkpoint / load_backbone   what every stage writes and reads
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -553,6 +554,28 @@ def check_queue(args: argparse.Namespace, num_videos: int) -> None:
                          f"the queue would hold the anchor's own video; try --moco-k {suggestion}")
 
 
+MIN_BN_GROUP = 4  # clips per BatchNorm group below which its batch statistics are mostly noise
+
+
+def print_config(stage: str, args: argparse.Namespace, world: int, bn_group: int, **fields: object) -> None:
+    """Print the resolved setting once, on rank 0, and warn about settings that are surely unintended:
+    the synthetic demo on several devices, and BatchNorm groups of a few clips."""
+    if not is_main():
+        return
+    shown = {"dataset": args.dataset, "arch": args.arch, "clip": f"{args.clip_len} x {args.stride} frames at {args.size}",
+             "batch": f"{args.batch_size} global = {args.batch_size // world} per rank x {world}", **fields,
+             "out": args.out}
+    print(f"{stage}: " + " | ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+    if args.dataset == "synthetic" and world > 1:
+        warnings.warn(f"{stage} runs the built-in synthetic CPU demo on {world} processes (a smoke test of the "
+                      "setup). The paper's setting needs the data: --dataset kinetics|ucf101 --root VIDEOS "
+                      "--split-dir SPLITS, which also selects 224 px, 16 x 4 frames, batch 128, K 6536, 200 epochs.")
+    if bn_group < MIN_BN_GROUP:
+        warnings.warn(f"BatchNorm sees {bn_group} clips at a time ({args.batch_size} over {world} ranks"
+                      f"{'' if world > 1 else ' and --bn-splits groups'}): raise --batch-size to at least "
+                      f"{MIN_BN_GROUP * args.batch_size // bn_group} for batch statistics worth the name.")
+
+
 def final_report(model: DSM, knn: tuple, args: argparse.Namespace, device: torch.device) -> dict:
     """kNN top-1 of the learned encoder next to a randomly initialised one: what pretraining bought."""
     learned = knn_monitor(model.encoder_q.backbone, knn, args, device)
@@ -577,6 +600,10 @@ def main(argv: list[str] | None = None) -> None:
     args.bn_splits = args.bn_splits or (4 if world == 1 else 1)
     assert (args.batch_size // world) % args.bn_splits == 0, \
         f"the per-rank batch {args.batch_size // world} must split into --bn-splits {args.bn_splits} groups"
+    print_config("pretrain", args, world, args.batch_size // world // args.bn_splits,
+                 method=f"loss {args.loss}, positive {args.positive}, negative {args.negative}",
+                 queue=f"K {args.moco_k}" if args.loss != "triplet" else "none",
+                 schedule=f"{args.epochs} epochs, {args.optimizer} lr {args.lr}")
     model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
                 args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on").to(device)
     optimizer = make_optimizer(model.encoder_q.parameters(), args)

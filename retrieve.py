@@ -79,7 +79,9 @@ def recall_at_k(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.
     k_max = min(max(ks), len(gallery))
     rows = gallery_block or (len(gallery) if gallery.dtype == torch.float32 else max(1, 2 ** 29 // (4 * gallery.shape[1])))
     g_norm = gallery_norms(gallery, rows)  # (M,)
-    first_hit = torch.empty(len(query), dtype=torch.long)  # rank of the first same-class item; k_max if none
+    # Rank of the first same-class item. A query with none gets max(ks), a miss at every K, even
+    # when the gallery is smaller than some K and k_max is cut to its size.
+    first_hit = torch.empty(len(query), dtype=torch.long)
     for i in range(0, len(query), chunk):
         q = query[i:i + chunk].float()  # (n, D)
         best_sim, best_idx = None, None
@@ -93,7 +95,7 @@ def recall_at_k(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.
                 idx = torch.cat([best_idx, idx], 1).gather(1, top)
             best_sim, best_idx = sim, idx
         hits = gallery_labels[best_idx] == query_labels[i:i + chunk, None]  # (n, k_max), most similar first
-        first_hit[i:i + chunk] = torch.where(hits.any(1), hits.int().argmax(1), k_max)
+        first_hit[i:i + chunk] = torch.where(hits.any(1), hits.int().argmax(1), max(ks))
     return {f"recall@{k}": 100 * int((first_hit < k).sum()) / len(query) for k in ks}
 
 
@@ -103,8 +105,9 @@ def recall_at_k(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.
 def extract(backbone: nn.Module, loader: torch.utils.data.DataLoader, args: argparse.Namespace,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The ranked items of one split, L2-normalised, their labels and the number of bad videos
-    skipped, on rank 0 (other ranks: empty). An item is a video, the mean of its K clips' raw
-    pooled features (as Clip Order), or with --clip-level each of the K clips.
+    skipped, on rank 0 (other ranks: empty). An item is a video, the mean of its
+    --clips-per-video test clips' raw pooled features (as Clip Order), or with --clip-level each
+    of those clips.
 
     Each batch is gathered over the ranks and written into its videos' rows at once, so the
     split's features exist once, on the CPU, and no list of batches is concatenated.
@@ -116,12 +119,12 @@ def extract(backbone: nn.Module, loader: torch.utils.data.DataLoader, args: argp
     labels = torch.zeros(n, dtype=torch.long)
     read = torch.zeros(n, dtype=torch.bool)
     for batch in tqdm(loader, desc="features", disable=not is_main(), leave=False):
-        views = batch["views"].to(device, non_blocking=True)  # (B, K, C, T, H, W)
+        views = batch["views"].to(device, non_blocking=True)  # (B, num_clips, C, T, H, W)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feature_map = backbone(pretrain.as_input(views.flatten(0, 1), args))  # (B * K, C, T', H', W')
-        f = models.retrieval_features(feature_map.float(), tuple(args.pool_size), args.pool)  # (B * K, D)
-        f = f.view(*views.shape[:2], -1)  # (B, K, D)
-        f = F.normalize(f if args.clip_level else f.mean(1, keepdim=True), dim=2)  # (B, K or 1, D)
+            feature_map = backbone(pretrain.as_input(views.flatten(0, 1), args))  # (B * num_clips, C, T', H', W')
+        f = models.retrieval_features(feature_map.float(), tuple(args.pool_size), args.pool)  # (B * num_clips, D)
+        f = f.view(*views.shape[:2], -1)  # (B, num_clips, D)
+        f = F.normalize(f if args.clip_level else f.mean(1, keepdim=True), dim=2)  # (B, num_clips or 1, D)
         # The sampler pads the shards with repeated videos: a repeat rewrites its row with the same value.
         index = concat_all_gather(batch["index"].to(device)).cpu()
         f = concat_all_gather(f.to(getattr(torch, args.feature_dtype))).cpu()

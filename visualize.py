@@ -137,7 +137,7 @@ def window_starts(num_frames: int, span: int, window_stride: int) -> list[int]:
     return list(range(0, num_frames - span + 1, window_stride))
 
 
-def as_input(frames: np.ndarray) -> torch.Tensor:
+def frames_to_normalised_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 (L, H, W, 3) -> float (3, L, H, W) normalised as in training (augment.MEAN/STD)."""
     return augment.normalise_(torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(255))
 
@@ -150,7 +150,7 @@ def video_heat(backbone: nn.Module, frames: np.ndarray, clip_len: int, stride: i
     span = (clip_len - 1) * stride + 1
     starts = window_starts(len(frames), span, window_stride)
     L = starts[-1] + span
-    video = as_input(frames[:L])  # (3, L, H, W)
+    video = frames_to_normalised_tensor(frames[:L])  # (3, L, H, W)
     _, _, H, W = video.shape
     total, count = torch.zeros(L, H, W), torch.zeros(L, 1, 1)
     means = []
