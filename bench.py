@@ -312,6 +312,7 @@ BENCHES["crops"] = bench_crops
 
 # ---- retrieval -------------------------------------------------------------
 import json
+import math
 import os
 import subprocess
 import sys
@@ -375,6 +376,9 @@ OWN_FLAGS.add("retrieval")
 RESULT_ROWS = {"random init": ("random", None), "supervised": ("supervised", None),
                "MoCo baseline": ("moco", ["--positive=none", "--negative=none"]),
                "DSM (Triplet)": ("dsm_triplet", ["--loss=triplet"]), "DSM": ("dsm", ["--loss=contrastive"])}
+# the miniature of the paper's Table 4: pretraining alone, judged by its kNN monitor (M-disturb is the DSM row)
+ABLATION_ROWS = {"S-warp only": ("swarp", ["--negative=none"]), "S-warp + T-shift": ("tshift", ["--negative=shift"]),
+                 "S-warp + Scaling-Of": ("scaling", ["--negative=flow"]), "DSM, both losses": ("both", ["--loss=both"])}
 RESULT_SHARED_FLAGS = ("num-train", "num-test", "size", "clip-len", "stride", "batch-size", "workers")  # every stage
 
 
@@ -413,18 +417,34 @@ def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str
         _results_stage("finetune.py", [*finetune, "--protocol=linear", f"--pretrained={path}"],
                        os.path.join(folder[row], "linear"))
         _results_stage("retrieve.py", [*shared, f"--pretrained={path}"], os.path.join(folder[row], "retrieve"))
-    return {row: _results_row(folder[row], folder["supervised"]) for row in RESULT_ROWS}
+    rows = {row: _results_row(folder[row], folder["supervised"], folder["DSM"]) for row in RESULT_ROWS}
+    for row, (name, flags) in ABLATION_ROWS.items():
+        _results_stage("pretrain.py", [*pretrain, *flags], os.path.join(out, name))
+        rows[row] = _knn_cells(os.path.join(out, name))
+    return rows
 
 
-def _results_row(folder: str, supervised: str) -> dict[str, float]:
-    """The cells of one row, from its runs' results.json; fine-tuning a random init is the supervised run."""
+def _knn_cells(folder: str, random_init: bool = False) -> dict[str, float]:
+    """The kNN monitor's final motion and scene top-1 from a pretraining's log (or its random-init twin)."""
+    if not os.path.exists(os.path.join(folder, "log.jsonl")):
+        return {"kNN motion": math.nan, "kNN scene": math.nan}
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    suffix = "_random_init" if random_init else ""
+    return {"kNN motion": last["knn_top1" + suffix], "kNN scene": last["knn_scene_top1" + suffix]}
+
+
+def _results_row(folder: str, supervised: str, dsm: str) -> dict[str, float]:
+    """The cells of one row, from its runs' results.json; fine-tuning a random init is the supervised run;
+    the random-init kNN comes from the DSM pretraining's final report, the supervised row has none."""
     def read(*path: str) -> dict:
         with open(os.path.join(*path, "results.json")) as f:
             return json.load(f)
 
     linear, retrieval = read(folder, "linear"), read(folder, "retrieve")
     full = read(folder if os.path.isdir(os.path.join(folder, "full")) else supervised, "full")
-    return {"linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
+    knn = _knn_cells(dsm, random_init=True) if folder.endswith("random") else _knn_cells(folder)
+    return {**knn, "linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
             "fine-tune top-1": full["video_top1"], "fine-tune train top-1": full["train_video_top1"],
             "R@1": retrieval["recall@1"], "R@5": retrieval["recall@5"]}
 
@@ -458,10 +478,12 @@ def bench_results(args: argparse.Namespace) -> None:
     opts = parser.parse_args(args.rest)
     per_seed = [_results_one_seed(opts, seed) for seed in opts.seeds]
     columns = list(next(iter(per_seed[0].values())))
-    cell = lambda values: f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+    cell = lambda values: "—" if np.isnan(values).any() else \
+        f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
     lines = [f"| | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for row in per_seed[0]:
-        lines.append(f"| {row} | " + " | ".join(cell([seed[row][c] for seed in per_seed]) for c in columns) + " |")
+        lines.append(f"| {row} | " + " | ".join(cell([seed[row].get(c, math.nan) for seed in per_seed])
+                                                for c in columns) + " |")
     config = {k: v for k, v in vars(opts).items() if v is not None and k != "out"}
     table = "\n".join([f"Synthetic scene/motion data, video top-1 and Recall@K in %, {config}.", "",
                        *lines, "", "Fine-tuning from random init is the supervised run: the two rows share it."])

@@ -1,14 +1,14 @@
 """Data stage of DSM: which frames make a clip, read from video files or drawn on the fly.
 
 Implements the input side of the paper's Methodology and Implementation Details:
-  * a clip is T = 16 frames at temporal stride 4 ("Default Settings"), its indices looping past
-    the end of the video;
+  * a clip is T = 16 frames at temporal stride 4 ("Default Settings"); a training clip starts
+    where it fits in the video, and only a video shorter than one clip loops;
   * Temporal Shift (Eq. 4): the negative n takes the frames tau later than the anchor a,
     tau ~ U[alpha1, alpha2], looping from the beginning when it runs past the end;
-  * the fine-tuning test protocol: K = 10 clips spaced uniformly over each video;
-  * the split files of UCF101, HMDB51, Kinetics-400 and plain lists (DESIGN section 5);
+  * the fine-tuning test protocol: 10 clips spaced uniformly over each video;
+  * the split files of UCF101, HMDB51, Kinetics-400 and plain lists, as distributed;
   * PyAV decoding that opens a file once and decodes only up to the frames a sample needs;
-  * the built-in synthetic scene/motion dataset (DESIGN section 6): the classes are motions,
+  * the built-in synthetic scene/motion dataset: the classes are motions,
     the scenes are backgrounds that agree with the class only in the training split.
 
 Augmentation comes after this stage (augment.py): ClipDataset takes it as a callable
@@ -70,12 +70,12 @@ def last_start(num_frames: int, span: int) -> int:
 
 
 def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
-    """Starts of the K test clips, spaced uniformly over the video.
+    """Starts of the num_clips test clips, spaced uniformly over the video.
 
     A clip covers span = (clip_len - 1) * stride + 1 frames, so valid starts are
-    [0, num_frames - span]. Clip k starts at the centre of the k-th of K equal parts of that
-    range (K = 1 is the central clip). A video shorter than one span has no start but 0: all
-    K clips start at frame 0 and loop, i.e. the same clip K times.
+    [0, num_frames - span]. Clip k starts at the centre of the k-th of num_clips equal parts of
+    that range (one clip: the central one). A video shorter than one span has no start but 0:
+    every clip starts at frame 0 and loops, i.e. the same clip num_clips times.
     """
     assert num_frames > 0 and num_clips > 0, (num_frames, num_clips)
     free = last_start(num_frames, (clip_len - 1) * stride + 1)
@@ -364,7 +364,7 @@ class VideoFiles:
         return np.stack([frames[k] for k in indices])
 
 
-# ---- the built-in synthetic scene/motion dataset (DESIGN section 6) ----------------------
+# ---- the built-in synthetic scene/motion dataset -----------------------------------------
 
 # Pairs that differ only in direction, so that no single frame tells the class apart.
 CLASSES = ("Left", "Right", "Up", "Down", "Clockwise", "Anticlockwise", "Grow", "Shrink")
@@ -574,9 +574,9 @@ class ClipDataset(torch.utils.data.Dataset):
     """Clips from a source (VideoFiles or SyntheticVideos) for training and testing.
 
     train: {"views": transform(clip, shifted, rng)} with clip the anchor frames and shifted the
-    same frames tau later (Eq. 4), or None without `shift`. test: K clips at test_starts,
+    same frames tau later (Eq. 4), or None without `shift`. test: test_clips clips at test_starts,
     views = stack of transform(clip_k, None, rng). Without transform, views are the raw uint8
-    frames as a tensor: (T, H, W, 3), (2, T, H, W, 3) with shift, (K, T, H, W, 3) in test.
+    frames as a tensor: (T, H, W, 3), (2, T, H, W, 3) with shift, (test_clips, T, H, W, 3) in test.
 
     All randomness of sample i comes from default_rng([seed, epoch, i]), so samples do not depend
     on the number of workers, and a resumed run draws the same ones. Call set_epoch before
@@ -655,8 +655,8 @@ class ClipDataset(torch.utils.data.Dataset):
                 clips = [[clip[self.clip_len // 2]] * self.clip_len for clip in clips]
             return [k for clip in clips for k in clip]
 
-        frames = self.source.read(j, choose)  # (K * T, H, W, 3): one decode for all K clips
-        clips = frames.reshape(self.test_clips, self.clip_len, *frames.shape[1:])  # (K, T, H, W, 3)
+        frames = self.source.read(j, choose)  # (test_clips * T, H, W, 3): one decode for all clips
+        clips = frames.reshape(self.test_clips, self.clip_len, *frames.shape[1:])  # (test_clips, T, H, W, 3)
         if self.transform is None:
             return torch.from_numpy(clips)
         return torch.stack([self.transform(clip, None, rng) for clip in clips])
@@ -674,8 +674,8 @@ CLIP_DEFAULTS = {"synthetic": dict(size=64, clip_len=8, stride=2, flip="off", cr
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """The data flags every stage script shares (DESIGN section 4)."""
-    group = parser.add_argument_group("data (DESIGN sections 4-6)")
+    """The data flags every stage script shares."""
+    group = parser.add_argument_group("data (paper: Datasets, Default Settings, Temporal Shift)")
     group.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic (built in)")
     group.add_argument("--root", default=None, help="video folder (default: none; needed unless synthetic)")
     group.add_argument("--split-dir", default=None,

@@ -413,7 +413,8 @@ def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, d
 
 def save_resumable(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    args: argparse.Namespace, epoch: int) -> None:
-    """Everything a killed run needs to end where an uninterrupted one would (DESIGN section 8)."""
+    """Everything a killed run needs to end where an uninterrupted one would: model,
+    momentum encoder, queue, optimiser, scaler, epoch and RNG state."""
     models.save_checkpoint({
         "arch": args.arch, "epoch": epoch, "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "args": vars(args),
