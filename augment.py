@@ -167,11 +167,12 @@ def farneback_flow(clip: Tensor, scale: float = 1.0) -> Tensor:
     return flow.contiguous()
 
 
-def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor) -> Tensor:
+def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor, padding: str = "border") -> Tensor:
     """Eq. 3: frame 0 unchanged, frame t+1 = frame t of `clip` sampled at p + phi[t] * flow[t](p).
 
-    Samples that fall outside the frame are black (padding "zeros"): the paper's "wide black
-    boundary" for a large M.
+    Samples that fall outside the frame repeat its border (padding "border"); "zeros" makes them
+    black, the paper's "wide black boundary" for a large M. Black blotches mark the negative by
+    something other than its motion, so the border is the default.
     """
     channels, T, H, W = clip.shape  # (C, T, H, W)
     assert flow.shape == (T - 1, 2, H, W), (flow.shape, clip.shape)
@@ -180,7 +181,7 @@ def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor) -> Tensor:
     factor = phi.float().view(-1, 1, 1, 1) * to_grid  # (T-1, 1, 1, 2)
     grid = torch.addcmul(pixel_centres(H, W).float(), flow.permute(0, 2, 3, 1), factor)  # Eq. 3: p + phi(t) V(p)
     previous = clip[:, :-1].transpose(0, 1)  # (T-1, C, H, W): frames 0..T-2 of the original clip
-    following = F.grid_sample(previous, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    following = F.grid_sample(previous, grid, mode="bilinear", padding_mode=padding, align_corners=False)
     return torch.cat([clip[:, :1], following.transpose(0, 1)], dim=1)
 
 
@@ -281,7 +282,8 @@ class DSMTriplet:
 
     def __init__(self, size: int = 112, positive: str = "tps", negative: str = "disturb",
                  tps_points: int = 5, tps_offset: float = 0.1, flow_max: float = 5.0, flow_scale: float = 1.0,
-                 crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4, flip: bool = True):
+                 crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4, flip: bool = True,
+                 flow_padding: str = "border"):
         if positive not in POSITIVES:
             raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
         if negative not in NEGATIVES:
@@ -289,7 +291,7 @@ class DSMTriplet:
         if flow_max < 0 or not 0 < flow_scale <= 1:
             raise ValueError(f"need flow_max >= 0 and 0 < flow_scale <= 1, got {flow_max}, {flow_scale}")
         self.positive, self.negative = positive, negative
-        self.M, self.flow_scale, self.flip = flow_max, flow_scale, flip
+        self.M, self.flow_scale, self.flip, self.flow_padding = flow_max, flow_scale, flip, flow_padding
         self.b = BasicAugment(size, crop_scale, jitter=jitter)
         self.s = TPSWarp(size, size, tps_points, tps_offset) if positive == "tps" else None
 
@@ -301,7 +303,7 @@ class DSMTriplet:
     def disturb_motion(self, clip: Tensor, rng: np.random.Generator) -> Tensor:
         """Optical-flow scaling (Eq. 3) with phi(t) ~ U[0, M], one value per time step."""
         phi = torch.from_numpy(rng.uniform(0.0, self.M, size=clip.shape[1] - 1)).float()
-        return scale_motion(clip, farneback_flow(clip, self.flow_scale), phi)
+        return scale_motion(clip, farneback_flow(clip, self.flow_scale), phi, self.flow_padding)
 
     def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> Tensor:
         check_frames(clip, "clip")
@@ -361,6 +363,9 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flow-max", type=float, default=5.0, help="M: flow scale phi(t) ~ U[0, M] (default: 5)")
     group.add_argument("--flow-scale", type=float, default=1.0,
                        help="compute Farneback flow at this fraction of the crop size and upsample it (default: 1.0)")
+    group.add_argument("--flow-padding", choices=("border", "zeros"), default="border",
+                       help="flow scaling's samples from outside the frame: repeat the border, or black as the "
+                            "paper shows it (default: border)")
 
 
 def worker_init(worker_id: int) -> None:
@@ -422,7 +427,7 @@ def main() -> None:
         parser.error("need --frames >= 2, --stride >= 1 and --tau >= 0")
 
     transform = DSMTriplet(args.size, args.positive, args.negative, args.tps_points, args.tps_offset,
-                           args.flow_max, args.flow_scale)
+                           args.flow_max, args.flow_scale, flow_padding=args.flow_padding)
     frames = decode_video(video)
     anchor = [(args.start + i * args.stride) % len(frames) for i in range(args.frames)]
     shifted = [(i + args.tau) % len(frames) for i in anchor]  # Eq. 4, looping past the end

@@ -263,7 +263,7 @@ def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.ut
     transform = augment.DSMTriplet(args.size, positive=args.positive, negative=args.negative,
                                    tps_points=args.tps_points, tps_offset=args.tps_offset,
                                    flow_max=args.flow_max, flow_scale=args.flow_scale,
-                                   crop_scale=args.crop_scale, flip=args.flip == "on")
+                                   crop_scale=args.crop_scale, flip=args.flip == "on", flow_padding=args.flow_padding)
     shift = (args.shift_min, args.shift_max) if args.negative in ("disturb", "shift") else None  # Eq. 4
     dataset = data.ClipDataset(data.build_source(args, train=True), args.clip_len, args.stride, transform,
                                shift=shift, mode="train", seed=args.seed)

@@ -494,7 +494,9 @@ def test_augment_scale_motion_phi_zero_repeats_previous_frame():
     right[:, 0] = 3.0  # sample 3 px to the right: the last 3 columns fall outside the frame
     out = augment.scale_motion(clip, right, torch.ones(4))
     assert torch.allclose(out[:, 1:, :, :-3], clip[:, :-1, :, 3:], atol=1e-6)
-    assert (out[:, 1:, :, -3:] == 0).all()  # black boundary, as the paper describes for large M
+    assert torch.allclose(out[:, 1:, :, -3:], clip[:, :-1, :, -1:].expand(-1, -1, -1, 3), atol=1e-6)  # the border
+    black = augment.scale_motion(clip, right, torch.ones(4), padding="zeros")
+    assert (black[:, 1:, :, -3:] == 0).all()  # black boundary, as the paper describes for large M
 
 
 def test_augment_farneback_recovers_shift_and_phi_one_predicts_next_frame():
@@ -1170,8 +1172,6 @@ def test_pretrain_shuffle_bn_and_queue_over_two_gloo_ranks(tmp_path):
     assert torch.equal(ranks[0]["queue"][:, :8], expected) and int(ranks[0]["queue_ptr"]) == 8
     assert ranks[0]["queue_video"].tolist() == [0, 1, 2, 3, 10, 11, 12, 13, -1, -1, -1, -1]
 
-
-# (pretrain tests go here)
 
 # ---- finetune.py / retrieve.py ---------------------------------------------
 import finetune
