@@ -397,7 +397,7 @@ def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str
     """Every run of one seed, then the table's cells of every row."""
     out = os.path.join(opts.out, f"seed{seed}")
     flag = lambda name, value: [] if value is None else [f"--{name}={value}"]
-    shared = [f"--seed={seed}"]
+    shared = [f"--seed={seed}", f"--data-seed={seed}"]  # a new draw of the synthetic videos and of the run
     for name in RESULT_SHARED_FLAGS:
         shared += flag(name, getattr(opts, name.replace("-", "_")))
     finetune = [*shared, "--eval-train", "--resume", *flag("epochs", opts.finetune_epochs)]

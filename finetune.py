@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     rank, world, device = pretrain.setup_distributed()
     assert args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} ranks"
+    pretrain.print_config("finetune", args, world, args.batch_size // world if args.protocol == "full" else None,
+                          start=args.pretrained, protocol=f"{args.protocol}, split {args.split}",
+                          schedule=f"{args.epochs} epochs, lr {args.lr} x0.1 every {args.lr_every}")
     if args.split != "all":
         run_split(argparse.Namespace(**{**vars(args), "split": int(args.split)}), rank, world, device)
     else:  # Table 1: the mean over the three splits

@@ -558,9 +558,10 @@ def check_queue(args: argparse.Namespace, num_videos: int) -> None:
 MIN_BN_GROUP = 4  # clips per BatchNorm group below which its batch statistics are mostly noise
 
 
-def print_config(stage: str, args: argparse.Namespace, world: int, bn_group: int, **fields: object) -> None:
+def print_config(stage: str, args: argparse.Namespace, world: int, bn_group: int | None, **fields: object) -> None:
     """Print the resolved setting once, on rank 0, and warn about settings that are surely unintended:
-    the synthetic demo on several devices, and BatchNorm groups of a few clips."""
+    the synthetic demo on several devices, and BatchNorm groups of a few clips (bn_group None: BatchNorm
+    is frozen or in eval mode)."""
     if not is_main():
         return
     shown = {"dataset": args.dataset, "arch": args.arch, "clip": f"{args.clip_len} x {args.stride} frames at {args.size}",
@@ -571,7 +572,7 @@ def print_config(stage: str, args: argparse.Namespace, world: int, bn_group: int
         warnings.warn(f"{stage} runs the built-in synthetic CPU demo on {world} processes (a smoke test of the "
                       "setup). The paper's setting needs the data: --dataset kinetics|ucf101 --root VIDEOS "
                       "--split-dir SPLITS, which also selects 224 px, 16 x 4 frames, batch 128, K 6536, 200 epochs.")
-    if bn_group < MIN_BN_GROUP:
+    if bn_group is not None and bn_group < MIN_BN_GROUP:
         warnings.warn(f"BatchNorm sees {bn_group} clips at a time ({args.batch_size} over {world} ranks"
                       f"{'' if world > 1 else ' and --bn-splits groups'}): raise --batch-size to at least "
                       f"{MIN_BN_GROUP * args.batch_size // bn_group} for batch statistics worth the name.")

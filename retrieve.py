@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Features of both splits, Recall@K of the test videos among the train videos; rank 0 returns the results."""
     args = parse_args(argv)
     rank, world, device = pretrain.setup_distributed()
+    pretrain.print_config("retrieve", args, world, None, start=args.pretrained,
+                          level="clip" if args.clip_level else "video")
     torch.manual_seed(args.seed)  # --pretrained none: the random init is a function of the seed
     if args.pretrained == "none":
         backbone = models.build_backbone(args.arch).to(device)
