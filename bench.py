@@ -236,7 +236,7 @@ def hara_r3d18_from_torchvision() -> torch.nn.Module:
 
 
 def time_dsm_steps(model: torch.nn.Module, views: torch.Tensor, steps: int) -> float:
-    """Seconds per DSM step (f_q forward+backward on a, f_k forward on p and n, SGD) on a fixed batch."""
+    """Seconds per DSM step (f_q forward+backward on a and n, f_k forward on p, SGD) on a fixed batch."""
     import pretrain
 
     args = pretrain.parse_args(["--loss", "both", "--moco-k", "64", "--batch-size", str(len(views))])

@@ -3,17 +3,18 @@
 Implements the paper's "Overall Architecture" and "Objective Function" sections. Every
 training video gives a triplet (augment.py):
 
-    a = b(c1)  -> f_q -> z_a    anchor: a plain augmented clip                 (query)
-    p = s(c2)  -> f_k -> z_p    positive: TPS-warped, scene broken, motion kept (key)
-    n = t(c3)  -> f_k -> z_n    negative: flow-scaled and time-shifted, motion broken, scene kept
+    a = b(c1)     -> f_q -> z_a    anchor: a plain augmented clip                  (query)
+    p = s(b(c2))  -> f_k -> z_p    positive: TPS-warped, scene broken, motion kept  (key k+)
+    n = t(b(c3))  -> f_q -> z_n    negative: flow-scaled and time-shifted, motion broken, scene kept
 
 and f_q learns with the contrastive loss (Eq. 7, `--loss contrastive`, the paper's "DSM"
 rows), the intra-video triplet loss (Eq. 5, `--loss triplet`, "DSM (Triplet)"), or both.
 f_k is the momentum (EMA) copy of f_q and the queue holds its embeddings of other videos,
-as in MoCo (He et al. 2020).
+as in MoCo (He et al. 2020). The paper does not say which encoder embeds n: through f_q,
+with gradient, the synthetic demo's kNN is far higher than through f_k (`--n-encoder`, README).
 
 Run:
-    python pretrain.py                       # built-in synthetic videos, `mini` net, CPU, ~5 min
+    python pretrain.py                       # built-in synthetic videos, `mini` net, CPU
     torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --root K400 --split-dir K400 \\
         --arch i3d --size 224 --batch-size 128 --amp --out runs/k400_i3d
 """
