@@ -265,8 +265,8 @@ def bench_train(args: argparse.Namespace) -> None:
     for workers in (0, 2):
         run = pretrain.parse_args(["--num-train", "320", "--workers", str(workers)])
         loader = pretrain.pretrain_loader(run, rank=0, world=1)
-        model = pretrain.DSM(run.arch, K=run.moco_k)
-        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=run.lr, momentum=0.9)
+        model = pretrain.DSM(run.arch, K=run.moco_k, bn_splits=4)  # what a single-process run builds
+        optimizer = pretrain.make_optimizer(model.encoder_q.parameters(), run)
         stats = pretrain.train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                                          run, 0, torch.device("cpu"))
         print(f"  workers {workers}: {stats['clips_per_s']:.1f} triplets/s, data wait {stats['data_wait']:.0%}")

@@ -405,7 +405,9 @@ def test_data_dataset_defaults(tmp_path, dataset, flip, crop, shift):
     if dataset != "synthetic":  # the paper's settings
         assert (args.size, args.clip_len, args.stride, args.epochs, args.moco_k, args.lr, args.arch) == \
             (224, 16, 4, 200, 6536, 0.003, "i3d")
-        assert args.lr_steps == [80, 120, 160] and args.batch_size == 128
+        assert args.lr_steps == [80, 120, 160] and args.batch_size == 128 and args.optimizer == "sgd"
+    else:  # the CPU demo: AdamW at a constant rate, 6 epochs
+        assert (args.optimizer, args.lr, args.lr_steps, args.epochs, args.moco_k) == ("adam", 1e-3, [], 6, 512)
     assert pretrain.parse_args(["--dataset", dataset, *folders, "--flip", "on"]).flip == "on"
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--crop-scale", "0.9", "0.5"])
