@@ -490,10 +490,8 @@ def add_run_args(parser: argparse.ArgumentParser, out: str, training: bool) -> a
     return run
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_args(parser)
-    augment.add_augment_args(parser)
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """The method's flags (paper: Objective Function, Table 4) and the optimiser's (Pre-training Settings)."""
     method = parser.add_argument_group("DSM method (paper: Objective Function, Table 4)")
     method.add_argument("--arch", choices=models.ARCHS, default=None, help="backbone (default: mini on synthetic, else i3d)")
     method.add_argument("--loss", choices=["contrastive", "triplet", "both"], default="contrastive",
@@ -536,6 +534,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="sgd = the paper's SGD with momentum; adam = AdamW (default: adam on synthetic, else sgd)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     optim.add_argument("--wd", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_data_args(parser)
+    augment.add_augment_args(parser)
+    add_method_args(parser)
     run = add_run_args(parser, "runs/pretrain", training=True)
     run.add_argument("--knn-every", type=int, default=None,
                      help="kNN monitor every N epochs, 0 = only at the end (default: 3 on synthetic, else 0)")
