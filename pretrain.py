@@ -195,6 +195,7 @@ class DSM(nn.Module):
         if self.K > 0:
             own = self.queue_video[None] == video[:, None] if self.mask_own else None  # (B, K)
             out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau, own)
+            out["own_in_queue"] = (self.queue_video[None] == video[:, None]).any(1).float().mean()  # measured
             self.enqueue(z_p, video)
         return out
 
@@ -226,6 +227,8 @@ def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float, triplet_w
             terms["p_p"] = prob[:, 0].mean()
             if out.get("z_n") is not None:
                 terms["p_n"] = prob[:, 1].mean()
+        if "own_in_queue" in out:  # share of anchors whose own video has a key in the queue
+            terms["own_in_queue"] = out["own_in_queue"]
     if loss in ("triplet", "both"):
         d_ap = (out["z_a"] - out["z_p"]).norm(dim=1)  # d(z_a, z_p) = ||z_a - z_p||_2
         d_an = (out["z_a"] - out["z_n"]).norm(dim=1)  # d(z_a, z_n)

@@ -944,6 +944,7 @@ def test_pretrain_forward_masks_own_video_and_uses_queue_before_enqueue():
     out = model(a, p, n, video)
     masked = torch.isinf(out["logits"][:, 2:])
     assert masked.tolist() == [[v == u for v in [0, 1, 2, 3, 0, 1, 2, 3]] for u in [0, 5, 2, 6]]
+    assert float(out["own_in_queue"]) == 0.5  # videos 0 and 2 of the four have a key in the queue
     expected = torch.cat([(out["z_a"] * out["z_p"]).sum(1, keepdim=True), (out["z_a"] * out["z_n"]).sum(1, keepdim=True),
                           out["z_a"] @ queue_before], dim=1) / 0.5
     assert torch.allclose(out["logits"][~torch.isinf(out["logits"])], expected[~torch.isinf(out["logits"])], atol=1e-6)
