@@ -972,6 +972,21 @@ def test_pretrain_which_encoder_embeds_n_and_p(n_encoder):
         pretrain.DSM("mini", dim=4, K=8, p_encoder="q")  # the queue needs f_k's keys
 
 
+def test_pretrain_prints_setting_and_warns_on_the_literal_8_gpu_command(capsys):
+    args = pretrain.parse_args(["--arch", "i3d"])  # what `torchrun --nproc_per_node=8 pretrain.py --arch i3d` parses
+    with pytest.warns(UserWarning) as caught:
+        pretrain.print_config("pretrain", args, 8, args.batch_size // 8, queue="K 512")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "synthetic" in messages and "--dataset kinetics" in messages  # names the paper's flags
+    assert "BatchNorm sees 2 clips" in messages
+    line = capsys.readouterr().out
+    assert "dataset synthetic" in line and "arch i3d" in line and "16 global = 2 per rank x 8" in line
+    assert "K 512" in line and "out runs/pretrain" in line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default single-process run warns about nothing
+        pretrain.print_config("pretrain", pretrain.parse_args([]), 1, 4)
+
+
 def test_pretrain_single_process_shuffle_bn():
     torch.manual_seed(0)
     model = pretrain.DSM("mini", dim=4, K=8, bn_splits=2)
