@@ -456,7 +456,7 @@ def bench_results(args: argparse.Namespace) -> None:
     Every run lands in OUT/seedS/<row>/...; a finished run is not run again, so a killed table
     resumes. Prints the markdown table and writes OUT/table.md.
 
-        python bench.py results                                   # the full table (~60 min on 2 cores)
+        python bench.py results                                   # the full table: 22 runs per seed, each 4-8 min on 2 cores
         python bench.py results --seeds 0 1 2                     # mean +- std over three seeds
         python bench.py results --pretrain-epochs 1 --finetune-epochs 1 --num-train 32 --num-test 16 \\
             --size 32 --clip-len 4 --batch-size 8 --moco-k 16 --out runs/results_smoke   # smoke test
