@@ -451,12 +451,14 @@ def _results_row(folder: str, supervised: str, dsm: str) -> dict[str, float]:
 
 def bench_results(args: argparse.Namespace) -> None:
     """The README's synthetic results table: rows random init, supervised, MoCo baseline,
-    DSM (Triplet), DSM; columns video top-1 (%) of the linear probe and of fine-tuning on the
-    scene-independent test split and on the scene-biased train split, retrieval R@1 and R@5.
+    DSM (Triplet), DSM, then the miniature of Table 4 (pretraining and its kNN only); columns the
+    pretraining's kNN top-1 on the motion classes and on the scene, video top-1 (%) of the linear
+    probe and of fine-tuning on the scene-independent test split and on the scene-biased train
+    split, retrieval R@1 and R@5. Seed S draws both the synthetic videos and the runs.
     Every run lands in OUT/seedS/<row>/...; a finished run is not run again, so a killed table
     resumes. Prints the markdown table and writes OUT/table.md.
 
-        python bench.py results                                   # the full table: 22 runs per seed, each 4-8 min on 2 cores
+        python bench.py results                                   # the full table: 21 runs per seed, each 4-8 min on 2 cores
         python bench.py results --seeds 0 1 2                     # mean +- std over three seeds
         python bench.py results --pretrain-epochs 1 --finetune-epochs 1 --num-train 32 --num-test 16 \\
             --size 32 --clip-len 4 --batch-size 8 --moco-k 16 --out runs/results_smoke   # smoke test
