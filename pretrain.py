@@ -193,9 +193,10 @@ class DSM(nn.Module):
         z_n = None if n is None else self.embed(n, self.n_encoder)  # (B, D)
         out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
         if self.K > 0:
-            own = self.queue_video[None] == video[:, None] if self.mask_own else None  # (B, K)
-            out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau, own)
-            out["own_in_queue"] = (self.queue_video[None] == video[:, None]).any(1).float().mean()  # measured
+            own = self.queue_video[None] == video[:, None]  # (B, K): keys of the anchor's own video
+            out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau,
+                                               own if self.mask_own else None)
+            out["own_in_queue"] = own.any(1).float().mean()  # logged: how often the mask matters
             self.enqueue(z_p, video)
         return out
 
