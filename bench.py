@@ -5,6 +5,10 @@ a noisy shared machine where absolute times do not.
 
     python bench.py augment     # TPS warp, flow-scaled negative, one triplet from a file
     python bench.py model       # forward+backward per clip and GFLOP/s for every arch
+    python bench.py train       # a DSM step against torchvision parts; the default run's speed
+    python bench.py retrieval   # blocked top-k against one matmul, and its memory
+    python bench.py crops       # how often the synthetic crop loses the moving object
+    python bench.py results     # the README's synthetic results table (every stage, hours)
 """
 import argparse
 import time
