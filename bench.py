@@ -421,7 +421,11 @@ def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str
         _results_stage("finetune.py", [*finetune, "--protocol=linear", f"--pretrained={path}"],
                        os.path.join(folder[row], "linear"))
         _results_stage("retrieve.py", [*shared, f"--pretrained={path}"], os.path.join(folder[row], "retrieve"))
-    rows = {row: _results_row(folder[row], folder["supervised"], folder["DSM"]) for row in RESULT_ROWS}
+    rows = {}
+    for row in RESULT_ROWS:  # random init's kNN: the DSM run's report on its randomly initialised twin
+        random_init = row == "random init"
+        knn = _knn_cells(folder["DSM"] if random_init else folder[row], random_init)
+        rows[row] = {**knn, **_results_row(folder[row], folder["supervised"])}
     for row, (name, flags) in ABLATION_ROWS.items():
         _results_stage("pretrain.py", [*pretrain, *flags], os.path.join(out, name))
         rows[row] = _knn_cells(os.path.join(out, name))
@@ -429,7 +433,8 @@ def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str
 
 
 def _knn_cells(folder: str, random_init: bool = False) -> dict[str, float]:
-    """The kNN monitor's final motion and scene top-1 from a pretraining's log (or its random-init twin)."""
+    """The kNN monitor's final motion and scene top-1 from a pretraining's log (or its random-init twin);
+    NaN where the row has no pretraining (supervised)."""
     if not os.path.exists(os.path.join(folder, "log.jsonl")):
         return {"kNN motion": math.nan, "kNN scene": math.nan}
     with open(os.path.join(folder, "log.jsonl")) as f:
@@ -438,17 +443,15 @@ def _knn_cells(folder: str, random_init: bool = False) -> dict[str, float]:
     return {"kNN motion": last["knn_top1" + suffix], "kNN scene": last["knn_scene_top1" + suffix]}
 
 
-def _results_row(folder: str, supervised: str, dsm: str) -> dict[str, float]:
-    """The cells of one row, from its runs' results.json; fine-tuning a random init is the supervised run;
-    the random-init kNN comes from the DSM pretraining's final report, the supervised row has none."""
+def _results_row(folder: str, supervised: str) -> dict[str, float]:
+    """The cells of one row, from its runs' results.json; fine-tuning a random init is the supervised run."""
     def read(*path: str) -> dict:
         with open(os.path.join(*path, "results.json")) as f:
             return json.load(f)
 
     linear, retrieval = read(folder, "linear"), read(folder, "retrieve")
     full = read(folder if os.path.isdir(os.path.join(folder, "full")) else supervised, "full")
-    knn = _knn_cells(dsm, random_init=True) if folder.endswith("random") else _knn_cells(folder)
-    return {**knn, "linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
+    return {"linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
             "fine-tune top-1": full["video_top1"], "fine-tune train top-1": full["train_video_top1"],
             "R@1": retrieval["recall@1"], "R@5": retrieval["recall@5"]}
 

@@ -64,9 +64,10 @@ def sample_shift(rng: np.random.Generator, alpha1: int, alpha2: int) -> int:
     return int(rng.integers(alpha1, alpha2 + 1))
 
 
-def last_start(num_frames: int, span: int) -> int:
-    """The last start at which a clip covering `span` frames ends inside the video (0 if none does)."""
-    return max(num_frames - span, 0)
+def last_start(num_frames: int, clip_len: int, stride: int) -> int:
+    """The last start at which a clip, which covers (clip_len - 1) * stride + 1 frames, ends inside
+    the video (0 if none does)."""
+    return max(num_frames - ((clip_len - 1) * stride + 1), 0)
 
 
 def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
@@ -78,7 +79,7 @@ def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> 
     every clip starts at frame 0 and loops, i.e. the same clip num_clips times.
     """
     assert num_frames > 0 and num_clips > 0, (num_frames, num_clips)
-    free = last_start(num_frames, (clip_len - 1) * stride + 1)
+    free = last_start(num_frames, clip_len, stride)
     return [(2 * k + 1) * free // (2 * num_clips) for k in range(num_clips)]
 
 
@@ -626,13 +627,11 @@ class ClipDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{len(reasons)} bad videos in a row from index {i}; the last: {reasons[-1]}")
 
     def _train_views(self, j: int, rng: np.random.Generator):
-        span = (self.clip_len - 1) * self.stride + 1
-
         def choose(num_frames: int) -> list[int]:
             if self.static:  # Fig. 1 diagnostic: one random frame, no motion at all
                 anchor = [int(rng.integers(num_frames))] * self.clip_len
             else:  # a clip must not jump: it starts where it fits, and only a too-short video loops
-                anchor = temporal_indices(num_frames, int(rng.integers(last_start(num_frames, span) + 1)),
+                anchor = temporal_indices(num_frames, int(rng.integers(last_start(num_frames, self.clip_len, self.stride) + 1)),
                                           self.clip_len, self.stride)
             if self.shift is None:
                 return anchor

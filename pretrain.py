@@ -181,16 +181,16 @@ class DSM(nn.Module):
         x, idx_unshuffle = batch_shuffle(x)
         return batch_unshuffle(self.encoder_k(x), idx_unshuffle)
 
-    def embed(self, x: torch.Tensor, encoder: str) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, encoder: str) -> torch.Tensor:
         return self.encoder_q(x) if encoder == "q" else self.encode_keys(x)
 
     def forward(self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                 video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """a, p, n: (B, C, T, H, W), video: (B,) dataset index -> z_a, z_p, z_n (B, D) and the Eq. 7 logits."""
         self.momentum_update()
-        z_a = self.embed(a, "q")  # (B, D), unit norm
-        z_p = self.embed(p, self.p_encoder)  # (B, D)
-        z_n = None if n is None else self.embed(n, self.n_encoder)  # (B, D)
+        z_a = self.encode(a, "q")  # (B, D), unit norm
+        z_p = self.encode(p, self.p_encoder)  # (B, D)
+        z_n = None if n is None else self.encode(n, self.n_encoder)  # (B, D)
         out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
         if self.K > 0:
             own = self.queue_video[None] == video[:, None]  # (B, K): keys of the anchor's own video
