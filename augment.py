@@ -18,6 +18,10 @@ numpy Generator; every random draw comes from that Generator, so a sample is a f
 its seed. Inside this file clips are float tensors (C, T, H, W) in [0, 1]; MEAN/STD
 normalisation is the very last step.
 
+The device path (pretrain.py --augment-device cuda) splits that call in two: the workers
+decode and draw (FramesAndDraws), the training process applies b, s and t to a whole batch on
+its GPU (DSMTriplet.apply_batch, with farneback_torch in place of OpenCV), from the same draws.
+
     python augment.py --show VIDEO OUT.png     # one triplet as a picture: rows a, p, n
 """
 import argparse
@@ -44,10 +48,10 @@ FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, po
 
 # ---- geometry shared by the TPS warp and the flow scaling ---------------------
 
-def pixel_centres(height: int, width: int) -> Tensor:
+def pixel_centres(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
     """(H, W, 2) float64 (x, y) of every pixel centre in grid_sample units (align_corners=False)."""
-    x = (2 * torch.arange(width, dtype=torch.float64) + 1) / width - 1
-    y = (2 * torch.arange(height, dtype=torch.float64) + 1) / height - 1
+    x = (2 * torch.arange(width, dtype=torch.float64, device=device) + 1) / width - 1
+    y = (2 * torch.arange(height, dtype=torch.float64, device=device) + 1) / height - 1
     gy, gx = torch.meshgrid(y, x, indexing="ij")
     return torch.stack([gx, gy], dim=-1)
 
@@ -110,6 +114,7 @@ class TPSWarp:
         L_inv = scipy.linalg.inv(tps_system(dst))
         K_pix = tps_features(pixel_centres(height, width).reshape(-1, 2).numpy(), dst)  # (HW, N+3)
         self.A = (K_pix @ L_inv[:, : len(dst)]).astype(np.float32)  # (HW, N): the [0] rows of [src; 0] drop out
+        self._A_on: dict[str, Tensor] = {}  # A as a tensor per device, for the device path
 
     def grid(self, src: Tensor) -> Tensor:
         """(H, W, 2) grid of the TPS with f(dst_i) = src_i; equals tps_grid(self.dst, src, H, W)."""
@@ -123,24 +128,52 @@ class TPSWarp:
         delta = rng.uniform(-self.C, self.C, size=tuple(self.dst.shape))
         return self.dst + torch.from_numpy(delta).float()
 
-    def __call__(self, clip: Tensor, rng: np.random.Generator) -> Tensor:
-        channels, T, H, W = clip.shape  # (C, T, H, W)
+    def grids(self, src: Tensor) -> Tensor:
+        """(B, H, W, 2) grids of a batch of source points (B, N, 2), on their device (the device path)."""
+        key = str(src.device)
+        if key not in self._A_on:
+            self._A_on[key] = torch.from_numpy(self.A).to(src.device)
+        return (self._A_on[key] @ src.float()).reshape(-1, self.height, self.width, 2)
+
+    def warp(self, clip: Tensor, grid: Tensor) -> Tensor:
+        """Clips (B, C, T, H, W) sampled at their grids (B, H, W, 2), one grid for all frames of a clip."""
+        B, channels, T, H, W = clip.shape
         assert (H, W) == (self.height, self.width), f"TPSWarp built for {self.height}x{self.width}, got {H}x{W}"
-        grid = self.grid(self.sample_src(rng))[None]  # (1, H, W, 2)
-        # one grid for all frames: fold channels and time into grid_sample's channel axis
-        warped = F.grid_sample(clip.reshape(1, channels * T, H, W), grid, mode="bilinear",
+        # fold channels and time into grid_sample's channel axis
+        warped = F.grid_sample(clip.reshape(B, channels * T, H, W), grid, mode="bilinear",
                                padding_mode="border", align_corners=False)
-        return warped.reshape(channels, T, H, W)
+        return warped.reshape(B, channels, T, H, W)
+
+    def __call__(self, clip: Tensor, rng: np.random.Generator) -> Tensor:
+        """s on one clip (C, T, H, W) with new source points drawn from rng."""
+        return self.warp(clip[None], self.grid(self.sample_src(rng))[None])[0]
 
 
 # ---- Temporal Local Disturbance t: optical-flow scaling ------------------------
 
+def grey_levels(clip: Tensor) -> Tensor:
+    """(..., T, H, W) float grey levels, whole numbers in [0, 255], of (..., 3, T, H, W) clips, float in
+    [0, 1] or uint8: what OpenCV's uint8 Farneback sees, so both flows start from the same frames."""
+    assert clip.ndim >= 4 and clip.shape[-4] == 3, clip.shape
+    x = clip.float() / 255 if clip.dtype == torch.uint8 else clip.float()
+    grey = torch.einsum("c,...cthw->...thw", torch.tensor(LUMA, device=clip.device), x)
+    return (grey * 255).round().clamp(0, 255)
+
+
 def grey_uint8(clip: Tensor) -> np.ndarray:
     """(T, H, W) uint8 grey frames of a (3, T, H, W) clip, float in [0, 1] or uint8."""
-    assert clip.ndim == 4 and clip.shape[0] == 3, clip.shape
-    x = clip.float() / 255 if clip.dtype == torch.uint8 else clip.float()
-    grey = torch.einsum("c,cthw->thw", torch.tensor(LUMA), x)
-    return (grey * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert clip.ndim == 4, clip.shape
+    return grey_levels(clip).to(torch.uint8).numpy()
+
+
+def upsample_flow(flow: Tensor, height: int, width: int) -> Tensor:
+    """(..., 2, h, w) flow computed on resized frames -> (..., 2, H, W) in full-size pixels."""
+    h, w = flow.shape[-2:]
+    if (h, w) == (height, width):
+        return flow
+    up = F.interpolate(flow.reshape(-1, 2, h, w), size=(height, width), mode="bilinear", align_corners=False)
+    up = up * torch.tensor([width / w, height / h], device=flow.device).view(1, 2, 1, 1)
+    return up.reshape(*flow.shape[:-2], height, width)
 
 
 def farneback_flow(clip: Tensor, scale: float = 1.0) -> Tensor:
@@ -161,10 +194,7 @@ def farneback_flow(clip: Tensor, scale: float = 1.0) -> Tensor:
     # as (prev, next) gives the convention of Eq. 2.
     flow = np.stack([cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **FARNEBACK) for t in range(T - 1)])
     flow = torch.from_numpy(flow).permute(0, 3, 1, 2)  # (T-1, 2, h, w)
-    if (h, w) != (H, W):
-        flow = F.interpolate(flow, size=(H, W), mode="bilinear", align_corners=False)
-        flow = flow * torch.tensor([W / w, H / h]).view(1, 2, 1, 1)  # displacements in full-size pixels
-    return flow.contiguous()
+    return upsample_flow(flow, H, W).contiguous()
 
 
 def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor, padding: str = "border") -> Tensor:
@@ -174,33 +204,175 @@ def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor, padding: str = "border
     black, the paper's "wide black boundary" for a large M. Black blotches mark the negative by
     something other than its motion, so the border is the default.
     """
-    channels, T, H, W = clip.shape  # (C, T, H, W)
-    assert flow.shape == (T - 1, 2, H, W), (flow.shape, clip.shape)
-    assert phi.shape == (T - 1,), (phi.shape, T)
-    to_grid = torch.tensor([2.0 / W, 2.0 / H])  # one pixel in grid units
-    factor = phi.float().view(-1, 1, 1, 1) * to_grid  # (T-1, 1, 1, 2)
-    grid = torch.addcmul(pixel_centres(H, W).float(), flow.permute(0, 2, 3, 1), factor)  # Eq. 3: p + phi(t) V(p)
-    previous = clip[:, :-1].transpose(0, 1)  # (T-1, C, H, W): frames 0..T-2 of the original clip
-    following = F.grid_sample(previous, grid, mode="bilinear", padding_mode=padding, align_corners=False)
-    return torch.cat([clip[:, :1], following.transpose(0, 1)], dim=1)
+    *batch, channels, T, H, W = clip.shape  # (..., C, T, H, W): one clip or a batch of clips
+    assert flow.shape == (*batch, T - 1, 2, H, W), (flow.shape, clip.shape)
+    assert phi.shape == (*batch, T - 1), (phi.shape, clip.shape)
+    to_grid = torch.tensor([2.0 / W, 2.0 / H], device=clip.device)  # one pixel in grid units
+    factor = phi.float().reshape(-1, 1, 1, 1) * to_grid  # (B(T-1), 1, 1, 2)
+    grid = torch.addcmul(pixel_centres(H, W, clip.device).float(), flow.reshape(-1, 2, H, W).permute(0, 2, 3, 1),
+                         factor)  # Eq. 3: p + phi(t) V(p)
+    previous = clip.reshape(-1, channels, T, H, W)[:, :, :-1].transpose(1, 2)  # (B, T-1, C, H, W): frames 0..T-2
+    following = F.grid_sample(previous.reshape(-1, channels, H, W), grid, mode="bilinear", padding_mode=padding,
+                              align_corners=False).reshape(-1, T - 1, channels, H, W)
+    out = torch.cat([clip.reshape(-1, channels, T, H, W)[:, :, :1], following.transpose(1, 2)], dim=2)
+    return out.reshape(clip.shape)
+
+
+# ---- Farneback flow in torch, batched, for the device path ------------------------
+# Farneback (2003), "Two-frame motion estimation based on polynomial expansion", organised as
+# cv::calcOpticalFlowFarneback is (flags=0: box window), so the same FARNEBACK parameters give the
+# same flow: a quadratic fitted per pixel, a displacement solved per window, coarse to fine.
+
+FARNEBACK_MIN_SIDE = 32  # OpenCV stops the pyramid before a level with a side below this
+FARNEBACK_BORDER = (0.14, 0.14, 0.4472, 0.4472, 0.4472)  # OpenCV's weights of the 5 pixels nearest an edge
+
+
+def farneback_scales(height: int, width: int, pyr_scale: float, levels: int) -> list[float]:
+    """Scale of every pyramid level, finest first: the frames and up to `levels` smaller ones, only
+    those with both sides >= 32 (OpenCV's rule)."""
+    scales = [1.0]
+    while len(scales) <= levels and min(height, width) * scales[-1] * pyr_scale >= FARNEBACK_MIN_SIDE:
+        scales.append(scales[-1] * pyr_scale)
+    return scales
+
+
+def gaussian_blur(x: Tensor, sigma: float, ksize: int) -> Tensor:
+    """Separable Gaussian blur of (B, C, H, W), reflect-101 borders (cv2.GaussianBlur's default).
+    sigma 0 is OpenCV's fixed 3-tap [1, 2, 1] / 4."""
+    r = ksize // 2
+    taps = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-taps ** 2 / (2 * sigma ** 2)) if sigma > 0 else torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    g = (g / g.sum()).to(x)
+    channels = x.shape[1]
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+
+
+def pyramid_level(frames: Tensor, scale: float, height: int, width: int) -> Tensor:
+    """(B, 1, h, w): each level is blurred and resized from the full frames, not from the level above."""
+    sigma = (1 / scale - 1) / 2  # anti-aliasing for this scale
+    ksize = max(round(sigma * 5) | 1, 3)
+    level = gaussian_blur(frames, sigma, ksize)
+    if (height, width) == tuple(frames.shape[-2:]):
+        return level
+    return F.interpolate(level, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def poly_basis(n: int, sigma: float) -> tuple[Tensor, Tensor]:
+    """The Gaussian applicability g on [-n, n] and the (5, 6) matrix taking the six correlations
+    <f, g x^i y^j> (1, x, y, x^2, y^2, xy) to the fit's b_x, b_y, A_xx, A_yy, A_xy (least squares)."""
+    taps = torch.arange(-n, n + 1, dtype=torch.float64)
+    g = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    y, x = torch.meshgrid(taps, taps, indexing="ij")
+    basis = torch.stack([torch.ones_like(x), x, y, x * x, y * y, x * y])  # (6, 2n+1, 2n+1)
+    gram = torch.einsum("iyx,jyx,y,x->ij", basis, basis, g, g)
+    return g, torch.linalg.inv(gram)[1:]  # the constant term is never used
+
+
+def poly_expansion(frames: Tensor, n: int, sigma: float) -> Tensor:
+    """(B, 1, H, W) -> (B, 5, H, W) quadratic f(p) ~ p^T A p + b^T p + c per pixel: b_x, b_y, A_xx,
+    A_yy, A_xy (the full xy coefficient). Separable: a vertical pass with g, y g, y^2 g (replicated
+    border, as OpenCV), then a horizontal pass giving the six correlations."""
+    g, solve = poly_basis(n, sigma if sigma > 0 else 0.3 * n)
+    taps = torch.arange(-n, n + 1, dtype=torch.float64)
+    one, lin, quad = g, taps * g, taps ** 2 * g
+    vertical = torch.stack([one, lin, quad]).view(3, 1, -1, 1).to(frames)
+    rows = F.conv2d(F.pad(frames, (0, 0, n, n), mode="replicate"), vertical)  # (B, 3, H, W): 1, y, y^2
+    horizontal = torch.zeros(6, 3, 1, 2 * n + 1, dtype=torch.float64)
+    for out, (row, kernel) in enumerate([(0, one), (0, lin), (1, one), (0, quad), (2, one), (1, lin)]):
+        horizontal[out, row, 0] = kernel  # 1, x, y, x^2, y^2, xy
+    corr = F.conv2d(F.pad(rows, (n, n, 0, 0), mode="replicate"), horizontal.to(frames))  # (B, 6, H, W)
+    return torch.einsum("kc,bchw->bkhw", solve.to(frames), corr)
+
+
+def border_weights(height: int, width: int, device: torch.device) -> Tensor:
+    """(H, W): OpenCV's down-weighting of the polynomial fits within 5 pixels of an edge."""
+    def ramp(size: int) -> Tensor:
+        k = min(len(FARNEBACK_BORDER), size)
+        edge = torch.tensor(FARNEBACK_BORDER[:k], device=device)
+        w = torch.ones(size, device=device)
+        w[:k] *= edge
+        w[size - k:] *= edge.flip(0)
+        return w
+    return ramp(height)[:, None] * ramp(width)[None, :]
+
+
+def farneback_matrices(R0: Tensor, R1: Tensor, flow: Tensor, border: Tensor) -> Tensor:
+    """(B, 5, H, W) per-pixel G = A^T A (xx, xy, yy) and h = A^T Delta b (x, y) for the current flow,
+    with A the mean of the two fits and Delta b = (b0 - b1(p + d)) / 2 + A d (Farneback 2003, Eq. 7)."""
+    _, _, H, W = R0.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=flow.device, dtype=flow.dtype),
+                            torch.arange(W, device=flow.device, dtype=flow.dtype), indexing="ij")
+    px, py = xs + flow[:, 0], ys + flow[:, 1]  # (B, H, W) where p lands in the second frame
+    inside = ((px.floor() >= 0) & (px.floor() < W - 1) & (py.floor() >= 0) & (py.floor() < H - 1))[:, None]
+    grid = torch.stack([2 * px / (W - 1) - 1, 2 * py / (H - 1) - 1], dim=-1)
+    R1p = F.grid_sample(R1, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    R1p = torch.where(inside, R1p, torch.cat([torch.zeros_like(R0[:, :2]), R0[:, 2:]], dim=1))
+    axx, ayy = (R0[:, 2] + R1p[:, 2]) / 2, (R0[:, 3] + R1p[:, 3]) / 2
+    axy = (R0[:, 4] + R1p[:, 4]) / 4  # half the xy coefficient is the off-diagonal of A
+    dbx = (R0[:, 0] - R1p[:, 0]) / 2 + axx * flow[:, 0] + axy * flow[:, 1]
+    dby = (R0[:, 1] - R1p[:, 1]) / 2 + axy * flow[:, 0] + ayy * flow[:, 1]
+    axx, ayy, axy, dbx, dby = (t * border for t in (axx, ayy, axy, dbx, dby))
+    return torch.stack([axx * axx + axy * axy, (axx + ayy) * axy, ayy * ayy + axy * axy,
+                        axx * dbx + axy * dby, axy * dbx + ayy * dby], dim=1)
+
+
+def farneback_solve(M: Tensor, winsize: int) -> Tensor:
+    """(B, 2, H, W) flow d = G^-1 h from the window means of G and h (box window, replicated border)."""
+    r = winsize // 2
+    M = F.avg_pool2d(F.pad(M, (0, 0, r, r), mode="replicate"), (winsize, 1), stride=1)
+    M = F.avg_pool2d(F.pad(M, (r, r, 0, 0), mode="replicate"), (1, winsize), stride=1)
+    gxx, gxy, gyy, hx, hy = M.unbind(1)
+    det = gxx * gyy - gxy * gxy + 1e-3  # OpenCV's regulariser for flat windows
+    return torch.stack([(gyy * hx - gxy * hy) / det, (gxx * hy - gxy * hx) / det], dim=1)
+
+
+def farneback_torch(grey: Tensor, pyr_scale: float = 0.5, levels: int = 3, winsize: int = 15, iterations: int = 3,
+                    poly_n: int = 5, poly_sigma: float = 1.2, flags: int = 0) -> Tensor:
+    """(N, T, H, W) grey in [0, 255] -> (N, T-1, 2, H, W) flow as farneback_flow gives it:
+    clip[:, t+1](p) ~= clip[:, t](p + flow[t](p)) (Eq. 2), all frame pairs of the batch at once.
+
+    Each frame's polynomial fit serves both pairs it belongs to. flags must be 0 (box window)."""
+    if flags != 0:
+        raise ValueError(f"farneback_torch implements flags=0 only, got {flags}")
+    N, T, H, W = grey.shape
+    frames = grey.reshape(N * T, 1, H, W).float()
+    flow = None
+    for scale in reversed(farneback_scales(H, W, pyr_scale, levels)):
+        h, w = round(H * scale), round(W * scale)
+        R = poly_expansion(pyramid_level(frames, scale, h, w), poly_n, poly_sigma).view(N, T, 5, h, w)
+        R0, R1 = R[:, 1:].reshape(-1, 5, h, w), R[:, :-1].reshape(-1, 5, h, w)  # flow from frame t+1 into t
+        if flow is None:
+            flow = torch.zeros(N * (T - 1), 2, h, w, device=grey.device)
+        else:
+            flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) / pyr_scale
+        border = border_weights(h, w, grey.device)
+        for _ in range(iterations):
+            flow = farneback_solve(farneback_matrices(R0, R1, flow, border), winsize)
+    return flow.view(N, T - 1, 2, H, W)
 
 
 # ---- basic augmentation b -------------------------------------------------------
 
-def resize_crop(frames: np.ndarray, box: tuple[int, int, int, int], size: int, flip: bool = False) -> Tensor:
+def resize_crop(frames: np.ndarray | Tensor, box: tuple[int, int, int, int], size: int, flip: bool = False) -> Tensor:
     """Crop box (top, left, h, w) of uint8 (T, H, W, 3) frames, resize to size x size, optionally
-    mirror left-right: float (C, T, size, size) in [0, 1]."""
+    mirror left-right: float (C, T, size, size) in [0, 1], on the frames' device."""
     top, left, h, w = box
     # (T, H, W, 3) viewed as (T, 3, H, W) is channels-last uint8: torch's fast antialiased path
-    crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-    resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    crop = torch.as_tensor(frames)[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+    if crop.device.type == "cpu":
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    else:  # antialiased uint8 resizing exists on the CPU only: resize floats and round as it does
+        resized = F.interpolate(crop.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=True).round_().clamp_(0, 255)
     if flip:
         resized = resized.flip(-1)
     return resized.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
-def colour_jitter(clip: Tensor, strength: float, rng: np.random.Generator) -> Tensor:
-    """Brightness b, contrast c, saturation s ~ U[1 - strength, 1 + strength], one draw for all frames.
+def colour_jitter(clip: Tensor, factors: np.ndarray | Tensor) -> Tensor:
+    """Brightness b, contrast c, saturation s = factors (..., 3), on clips (..., C, T, H, W).
 
     Each is linear in the colour: brightness x -> b x, contrast x -> c x + (1 - c) m with m the
     mean grey of the whole clip (so every frame moves alike), saturation x -> s x + (1 - s) grey(x).
@@ -208,14 +380,21 @@ def colour_jitter(clip: Tensor, strength: float, rng: np.random.Generator) -> Te
     once (torchvision clamps after each step). Hue is left out: its RGB <-> HSV round trip would
     cost more than the rest of b.
     """
-    if strength == 0:
-        return clip
-    b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
-    luma = torch.tensor(LUMA)
-    m = b * float(torch.einsum("c,cthw->", luma, clip)) / clip[0].numel()  # mean grey after brightness
-    saturate = s * torch.eye(3) + (1 - s) * torch.outer(torch.ones(3), luma)  # keeps grey: LUMA sums to 1
-    out = torch.einsum("oc,cthw->othw", c * b * saturate, clip)
-    return out.add_((1 - c) * m).clamp_(0, 1)
+    f = torch.as_tensor(factors, dtype=torch.float64).to(clip.device)
+    b, c, s = f[..., 0], f[..., 1], f[..., 2]
+    luma = torch.tensor(LUMA, device=clip.device)
+    # float64 where the scalars were float64, float32 where they met the clip: one sample's result
+    # is the same whether it comes alone or in a batch
+    m = b * torch.einsum("c,...cthw->...", luma, clip).double() / clip.shape[-3:].numel()
+    eye, grey_rows = torch.eye(3, device=clip.device), torch.outer(torch.ones(3, device=clip.device), luma)
+    saturate = s.float()[..., None, None] * eye + (1 - s).float()[..., None, None] * grey_rows  # keeps grey
+    out = torch.einsum("...oc,...cthw->...othw", (c * b).float()[..., None, None] * saturate, clip)
+    return out.add_(((1 - c) * m).float()[..., None, None, None, None]).clamp_(0, 1)
+
+
+def draw_jitter(strength: float, rng: np.random.Generator) -> np.ndarray | None:
+    """(b, c, s) ~ U[1 - strength, 1 + strength]^3, one draw for all frames; None (and no draw) at 0."""
+    return rng.uniform(1 - strength, 1 + strength, size=3) if strength > 0 else None
 
 
 def check_frames(frames: np.ndarray, name: str) -> None:
@@ -255,16 +434,25 @@ class BasicAugment:
         h, w = min(height, round(width / ratio)), min(width, round(height * ratio))
         return (height - h) // 2, (width - w) // 2, h, w
 
+    def draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
+        """One view's draws: its crop box, then its jitter factors (None without jitter)."""
+        return self.crop_box(height, width, rng), draw_jitter(self.jitter, rng)
+
+    def apply(self, frames: np.ndarray | Tensor, box: tuple[int, int, int, int], factors: np.ndarray | None,
+              flip: bool = False) -> Tensor:
+        """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1], given the view's draws."""
+        view = resize_crop(frames, box, self.size, flip=flip)
+        return view if factors is None else colour_jitter(view, factors)
+
     def __call__(self, frames: np.ndarray, rng: np.random.Generator, flip: bool = False) -> Tensor:
         """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1]."""
-        box = self.crop_box(frames.shape[1], frames.shape[2], rng)
-        view = resize_crop(frames, box, self.size, flip=flip)
-        return colour_jitter(view, self.jitter, rng)
+        return self.apply(frames, *self.draw(frames.shape[1], frames.shape[2], rng), flip)
 
 
 def normalise_(clip: Tensor) -> Tensor:
     """(..., C, T, H, W) in [0, 1] -> (x - MEAN) / STD per channel, in place (the views are ours)."""
-    return clip.sub_(torch.tensor(MEAN).view(3, 1, 1, 1)).div_(torch.tensor(STD).view(3, 1, 1, 1))
+    mean, std = (torch.tensor(v, device=clip.device).view(3, 1, 1, 1) for v in (MEAN, STD))
+    return clip.sub_(mean).div_(std)
 
 
 # ---- the triplet ----------------------------------------------------------------
@@ -278,6 +466,10 @@ class DSMTriplet:
               the shifted frames | "none" no negative: returns (2, C, T, size, size).
     Flow runs on the [0, 1] view at output size, before normalisation; phi(t) ~ U[0, M] per step.
     flip: one coin per triplet mirrors a, p and n together, so they never differ in direction.
+
+    Drawing and applying are separate: `draw` is the only consumer of rng. The CPU path is
+    draw then `apply`, per sample in the DataLoader worker; the device path (FramesAndDraws in
+    the worker, `apply_batch` in the training process) applies the same draws to a whole batch.
     """
 
     def __init__(self, size: int = 112, positive: str = "tps", negative: str = "disturb",
@@ -300,31 +492,112 @@ class DSMTriplet:
         """Whether the negative needs the tau-shifted frames (Eq. 4)."""
         return self.negative in ("disturb", "shift")
 
-    def disturb_motion(self, clip: Tensor, rng: np.random.Generator) -> Tensor:
-        """Optical-flow scaling (Eq. 3) with phi(t) ~ U[0, M], one value per time step."""
-        phi = torch.from_numpy(rng.uniform(0.0, self.M, size=clip.shape[1] - 1)).float()
-        return scale_motion(clip, farneback_flow(clip, self.flow_scale), phi, self.flow_padding)
+    @property
+    def scales_flow(self) -> bool:
+        """Whether n is flow-scaled (Eq. 3): M-disturb and Scaling-Of."""
+        return self.negative in ("disturb", "flow")
+
+    def check(self, clip: np.ndarray, shifted: np.ndarray | None) -> None:
+        """Raise a ValueError unless the frames are what this triplet needs."""
+        check_frames(clip, "clip")
+        if self.uses_shift:
+            if shifted is None:
+                raise ValueError(f"negative={self.negative!r} needs the tau-shifted frames, got shifted=None")
+            check_frames(shifted, "shifted")
+            if shifted.shape != clip.shape:
+                raise ValueError(f"shifted frames {shifted.shape} differ from clip frames {clip.shape}")
+
+    def draw(self, T: int, height: int, width: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        """Every random choice of one triplet, in this order: flip coin; crop box and jitter of a, then
+        of p; TPS source points of s; crop box and jitter of n; phi of t. "box" (V, 4) rows are
+        (top, left, h, w) of a, p[, n]; "jitter" (V, 3) is present only with jitter, "src" (N, 2) only
+        with s, "phi" (T-1,) only with flow scaling."""
+        flip = self.flip and rng.random() < 0.5
+        views = [self.b.draw(height, width, rng), self.b.draw(height, width, rng)]  # c1, c2
+        draws = {"flip": torch.tensor(flip)}
+        if self.s is not None:
+            draws["src"] = self.s.sample_src(rng)
+        if self.negative != "none":
+            views.append(self.b.draw(height, width, rng))  # c3
+            if self.scales_flow:
+                draws["phi"] = torch.from_numpy(rng.uniform(0.0, self.M, size=T - 1)).float()  # phi(t) ~ U[0, M]
+        draws["box"] = torch.tensor([box for box, _ in views])
+        if self.b.jitter > 0:
+            draws["jitter"] = torch.from_numpy(np.stack([factors for _, factors in views]))
+        return draws
+
+    def sources(self) -> list[int]:
+        """Which frames each view crops: 0 the anchor's, 1 the tau-shifted ones (Eq. 4)."""
+        return [0, 0] + ([] if self.negative == "none" else [1 if self.uses_shift else 0])
+
+    def apply(self, clip: np.ndarray, shifted: np.ndarray | None, draws: dict[str, Tensor]) -> Tensor:
+        """The CPU path: one triplet (V, C, T, size, size) from its frames and its draws."""
+        frames, flip = (clip, shifted), bool(draws["flip"])
+        views = []
+        for v, source in enumerate(self.sources()):
+            factors = draws["jitter"][v].numpy() if "jitter" in draws else None
+            views.append(self.b.apply(frames[source], tuple(draws["box"][v].tolist()), factors, flip))
+        if self.s is not None:
+            views[1] = self.s.warp(views[1][None], self.s.grid(draws["src"])[None])[0]  # p = s(b(c2))
+        if self.scales_flow:
+            n = views[2]
+            views[2] = scale_motion(n, farneback_flow(n, self.flow_scale), draws["phi"], self.flow_padding)  # Eq. 3
+        return torch.stack([normalise_(v) for v in views])  # (V, C, T, size, size)
 
     def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> Tensor:
-        check_frames(clip, "clip")
-        flip = self.flip and rng.random() < 0.5
-        a = self.b(clip, rng, flip)  # a = b(c1)
-        p = self.b(clip, rng, flip)  # b(c2)
+        self.check(clip, shifted)
+        return self.apply(clip, shifted, self.draw(*clip.shape[:3], rng))
+
+    def apply_batch(self, frames: list[Tensor], draws: dict[str, Tensor], device: torch.device | str) -> Tensor:
+        """The device path: triplets (B, V, C, T, size, size) on `device` from the workers' uint8 frames
+        (one (1 or 2, T, H, W, 3) tensor per sample: anchor[, shifted]; sizes may differ between videos)
+        and their collated draws. The same computation as `apply`, batched, with farneback_torch."""
+        boxes, flips = draws["box"].tolist(), draws["flip"].tolist()  # on the host: no device sync
+        draws = {k: v.to(device, non_blocking=True) for k, v in draws.items()}
+        frames = [f.to(device, non_blocking=True) for f in frames]
+        views = torch.stack([torch.stack([resize_crop(f[source], tuple(boxes[i][v]), self.b.size, flips[i])
+                                          for v, source in enumerate(self.sources())])
+                             for i, f in enumerate(frames)])
+        if "jitter" in draws:
+            views = colour_jitter(views, draws["jitter"])  # (B, V, C, T, S, S)
         if self.s is not None:
-            p = self.s(p, rng)  # p = s(b(c2))
-        views = [a, p]
-        if self.negative != "none":
-            if self.uses_shift:
-                if shifted is None:
-                    raise ValueError(f"negative={self.negative!r} needs the tau-shifted frames, got shifted=None")
-                check_frames(shifted, "shifted")
-                if shifted.shape != clip.shape:
-                    raise ValueError(f"shifted frames {shifted.shape} differ from clip frames {clip.shape}")
-            n = self.b(shifted if self.uses_shift else clip, rng, flip)  # b(c3), Eq. 4 when shifted
-            if self.negative in ("disturb", "flow"):
-                n = self.disturb_motion(n, rng)  # n = t(b(c3))
-            views.append(n)
-        return torch.stack([normalise_(v) for v in views])  # (V, C, T, size, size)
+            views[:, 1] = self.s.warp(views[:, 1], self.s.grids(draws["src"]))  # p = s(b(c2))
+        if self.scales_flow:
+            n = views[:, 2]
+            views[:, 2] = scale_motion(n, batch_flow(n, self.flow_scale), draws["phi"], self.flow_padding)  # Eq. 3
+        return normalise_(views)
+
+
+def batch_flow(clips: Tensor, scale: float = 1.0) -> Tensor:
+    """farneback_flow for a batch (B, C, T, H, W) on its device -> (B, T-1, 2, H, W), with farneback_torch."""
+    grey = grey_levels(clips)  # (B, T, H, W)
+    H, W = grey.shape[-2:]
+    h, w = max(round(H * scale), 1), max(round(W * scale), 1)
+    if (h, w) != (H, W):
+        grey = F.interpolate(grey, size=(h, w), mode="area")
+    return upsample_flow(farneback_torch(grey, **FARNEBACK), H, W)
+
+
+class FramesAndDraws:
+    """The device path's DataLoader transform: (clip, shifted, rng) -> {"frames": uint8 (1 or 2, T, H, W, 3),
+    "draws": triplet.draw(...)}: the worker decodes and draws, the training process applies
+    (DSMTriplet.apply_batch). Collate with collate_frames."""
+
+    def __init__(self, triplet: DSMTriplet):
+        self.triplet = triplet
+
+    def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> dict:
+        self.triplet.check(clip, shifted)
+        frames = np.stack([clip, shifted]) if self.triplet.uses_shift else clip[None]
+        return {"frames": torch.from_numpy(frames), "draws": self.triplet.draw(*clip.shape[:3], rng)}
+
+
+def collate_frames(batch: list[dict]) -> dict:
+    """default_collate, except that the device path's frames stay a list: videos differ in size."""
+    frames = [sample["views"].pop("frames") for sample in batch]
+    out = torch.utils.data.default_collate(batch)
+    out["views"]["frames"] = frames
+    return out
 
 
 class ClipTransform:

@@ -4,6 +4,8 @@ Every number is measured side by side in one run on this machine, so the ratios 
 a noisy shared machine where absolute times do not.
 
     python bench.py augment     # TPS warp, flow-scaled negative, one triplet from a file
+    python bench.py data        # the data path at the paper's settings, stage by stage, per core
+    python bench.py flow        # torch Farneback against OpenCV's: end-point error and CPU time
     python bench.py model       # forward+backward per clip and GFLOP/s for every arch
     python bench.py train       # a DSM step against torchvision parts; the default run's speed
     python bench.py retrieval   # blocked top-k against one matmul, and its memory
@@ -30,17 +32,23 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
 BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {}  # filled by each section below
 
 # ---- augment ---------------------------------------------------------------
-def _moving_video(path: str, frames: int = 100, height: int = 240, width: int = 320) -> None:
-    """Write an mpeg4 video of a smooth texture panning right with a bright square crossing it."""
-    import av
+def _texture(shape: tuple[int, ...], sigma: float, seed: int = 0):
+    """uint8 smooth random texture (blurred noise stretched to 0-255): content every flow can follow."""
     import cv2
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    texture = cv2.GaussianBlur(rng.random((height, width + 2 * frames, 3)).astype(np.float32), (0, 0), 4.0)
-    texture = ((texture - texture.min()) / (texture.max() - texture.min()) * 255).astype(np.uint8)
+    texture = cv2.GaussianBlur(np.random.default_rng(seed).random(shape).astype(np.float32), (0, 0), sigma)
+    return ((texture - texture.min()) / (texture.max() - texture.min()) * 255).astype(np.uint8)
+
+
+def _moving_video(path: str, frames: int = 100, height: int = 240, width: int = 320, codec: str = "mpeg4") -> None:
+    """Write a video of a smooth texture panning right with a bright square crossing it."""
+    import av
+    import numpy as np
+
+    texture = _texture((height, width + 2 * frames, 3), 4.0)
     with av.open(path, "w") as container:
-        stream = container.add_stream("mpeg4", rate=25)
+        stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for t in range(frames):
             frame = np.ascontiguousarray(texture[:, 2 * frames - 2 * t: 2 * frames - 2 * t + width])
@@ -151,6 +159,181 @@ def bench_augment(args: argparse.Namespace) -> None:
 
 
 BENCHES["augment"] = bench_augment
+
+
+# ---- data ------------------------------------------------------------------
+def _paper_indices(num_frames: int, rng) -> list[int]:
+    """A training sample's frames at the paper's settings, drawn as ClipDataset draws them: 16 x 4
+    anchor frames, then the same frames tau ~ U[2, 20] later (Eq. 4)."""
+    import data
+
+    start = int(rng.integers(data.last_start(num_frames, 16, 4) + 1))
+    anchor = data.temporal_indices(num_frames, start, 16, 4)
+    tau = data.sample_shift(rng, 2, 20)
+    return anchor + [(k + tau) % num_frames for k in anchor]
+
+
+def _cpu_seconds(fn: Callable[[], object]) -> tuple[float, object]:
+    """CPU seconds of fn() over all the process's threads (FFmpeg decodes with several), and its result."""
+    t0 = time.process_time()
+    out = fn()
+    return time.process_time() - t0, out
+
+
+def _triplet_stages(path: str, size: int, seed: int) -> dict[str, float]:
+    """CPU seconds of each stage of one DSM triplet at crop `size` (decode with data.py, which seeks),
+    of the whole CPU path, of the device path's worker share (decode, draws, frames into shared
+    memory), and of decoding the same frames from the first one on, without a seek."""
+    import numpy as np
+
+    import augment
+    import data
+
+    rng, chosen = np.random.default_rng(seed), []
+    files = data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(size))
+    triplet = augment.DSMTriplet(size)
+
+    def choose(num_frames: int) -> list[int]:
+        chosen.extend(_paper_indices(num_frames, rng))
+        return chosen
+
+    t = {}
+    t["decode"], frames = _cpu_seconds(lambda: files.read(0, choose))
+    clip, shifted = frames[:16], frames[16:]
+    draws = triplet.draw(16, *clip.shape[1:3], rng)
+    flip, boxes, jitter = bool(draws["flip"]), draws["box"].tolist(), draws["jitter"].numpy()
+    t["b"], (a, p, n) = _cpu_seconds(lambda: [triplet.b.apply(f, tuple(box), j, flip)
+                                               for f, box, j in zip((clip, clip, shifted), boxes, jitter)])
+    t["s"], _ = _cpu_seconds(lambda: triplet.s.warp(p[None], triplet.s.grid(draws["src"])[None]))
+    t["Farneback"], flow = _cpu_seconds(lambda: augment.farneback_flow(n))
+    t["flow scaling"], _ = _cpu_seconds(lambda: augment.scale_motion(n, flow, draws["phi"]))
+    t["total"] = t["decode"] + _cpu_seconds(lambda: triplet.apply(clip, shifted, draws))[0]
+    to_device = augment.FramesAndDraws(triplet)
+    t["worker"] = t["decode"] + _cpu_seconds(
+        lambda: to_device(clip, shifted, np.random.default_rng(seed))["frames"].share_memory_())[0]
+    wanted = sorted(set(chosen))
+    t["seek per frame"] = t["decode"] / len(wanted)
+    t["sequential per frame"] = _sequential_decode(path, wanted, files.short_side) / len(wanted)
+    t["first frame"] = wanted[0]
+    return t
+
+
+def _sequential_decode(path: str, wanted: list[int], short_side: int) -> float:
+    """CPU seconds to decode the frames `wanted` (sorted) from the first frame on, without seeking."""
+    import av
+
+    import data
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # as data.VideoFiles decodes
+        return _cpu_seconds(lambda: data._scan(container, stream, wanted, stream.frames, short_side, seeked=False))[0]
+
+
+def _device_batch_seconds(path: str, size: int, batch: int) -> float:
+    """Wall seconds per triplet of DSMTriplet.apply_batch on the CPU for `batch` decoded samples."""
+    import numpy as np
+
+    import augment
+    import data
+
+    files = data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(size))
+    to_device = augment.FramesAndDraws(augment.DSMTriplet(size))
+    samples = []
+    for seed in range(batch):
+        rng = np.random.default_rng(seed)
+        frames = files.read(0, lambda num: _paper_indices(num, rng))
+        samples.append({"views": to_device(frames[:16], frames[16:], rng), "index": seed})
+    views = augment.collate_frames(samples)["views"]
+    apply = lambda: to_device.triplet.apply_batch(views["frames"], views["draws"], "cpu")
+    return timeit(apply, repeat=1, warmup=0) / batch
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    """The data path at the paper's settings (16 x 4 frames, shift 2-20, crops of 224 from a short side
+    of 256, and of 112 from 128), per triplet and per core: CPU seconds of each stage (medians over
+    --repeat samples of a generated 640x272 H.264 video, 300 frames, x264's default keyframe interval),
+    the device path's worker share against decoding alone, and decoding with data.py's seek against
+    decoding the same frames from the first one on."""
+    import os
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        video = os.path.join(tmp, "moving.mp4")
+        _moving_video(video, frames=300, height=272, width=640, codec="libx264")
+        rows = {size: [_triplet_stages(video, size, seed) for seed in range(args.repeat)] for size in (224, 112)}
+        batch_224 = _device_batch_seconds(video, 224, batch=4)
+    median = {size: {k: float(np.median([r[k] for r in runs])) for k in runs[0]} for size, runs in rows.items()}
+    stages = ("decode", "b", "s", "Farneback", "flow scaling", "total")
+    print(f"one DSM triplet, 16 x 4 frames + shifted, 640x272 H.264, CPU ms per triplet (1 torch/OpenCV thread), "
+          f"median of {args.repeat} samples")
+    print(f"{'crop':>5} " + " ".join(f"{s:>12}" for s in stages) + f" {'triplets/s/core':>16}")
+    for size, m in median.items():
+        print(f"{size:>5} " + " ".join(f"{m[s] * 1e3:12.1f}" for s in stages) + f" {1 / m['total']:16.2f}")
+    for size, m in median.items():
+        print(f"decode per needed frame at {size}: data.py (seeks past 2 s) {m['seek per frame'] * 1e3:.2f} ms, "
+              f"sequential from frame 0 {m['sequential per frame'] * 1e3:.2f} ms: ratio "
+              f"{m['seek per frame'] / m['sequential per frame']:.2f} (first needed frame, median {m['first frame']:.0f})")
+    m = median[224]
+    ratio = m["worker"] / m["decode"]
+    print(f"device path at 224, worker CPU per triplet (decode + draws + frames to shared memory): "
+          f"{m['worker'] * 1e3:.1f} ms vs decode alone {m['decode'] * 1e3:.1f} ms: {ratio:.2f}x "
+          f"(target <= 1.2: {'ok' if ratio <= 1.2 else 'MISSED'}); CPU path {m['total'] / m['decode']:.2f}x")
+    print(f"device path's augmentation (apply_batch) on this CPU, batch of 4 at 224: {batch_224 * 1e3:.0f} ms per "
+          f"triplet (informative: it is meant for the GPU)")
+
+
+BENCHES["data"] = bench_data
+
+
+# ---- flow ------------------------------------------------------------------
+def _flow_clips(size: int, T: int = 16) -> dict[str, "np.ndarray"]:
+    """Generated grey uint8 clips (T, size, size), not real footage: (a) a texture panning 2 px per
+    frame; (b) a textured square (a third of the frame) moving 3 px right and 2 px down per frame
+    over a still textured scene."""
+    import numpy as np
+
+    pan = _texture((size, size + 2 * T), 2.0, seed=0)
+    scene, patch = _texture((size, size), 2.0, seed=1), _texture((size // 3, size // 3), 1.5, seed=2)
+    obj = np.repeat(scene[None], T, axis=0)
+    for t in range(T):
+        y, x = size // 6 + 2 * t, size // 6 + 3 * t
+        obj[t, y:y + len(patch), x:x + len(patch)] = patch
+    return {"pan": np.stack([pan[:, 2 * (T - t): 2 * (T - t) + size] for t in range(T)]), "object": obj}
+
+
+def bench_flow(args: argparse.Namespace) -> None:
+    """augment.farneback_torch against cv2.calcOpticalFlowFarneback with the same parameters
+    (augment.FARNEBACK) on generated 16-frame clips: mean end-point error (px) over every pixel
+    of the 15 frame pairs, and CPU ms per clip on one thread (median of --repeat)."""
+    import cv2
+    import numpy as np
+
+    import augment
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    print(f"Farneback {augment.FARNEBACK}, 16-frame generated clips, 1 thread, median of {args.repeat}")
+    print(f"{'clip':>7} {'size':>5} {'|flow| px':>9} {'EPE px':>9} {'max EPE':>9} {'OpenCV ms':>10} {'torch ms':>9}")
+    for size in (112, 224):
+        for name, grey in _flow_clips(size).items():
+            opencv = lambda: np.stack([cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK)
+                                       for t in range(len(grey) - 1)])
+            ours = lambda: augment.farneback_torch(torch.from_numpy(grey)[None].float(), **augment.FARNEBACK)[0]
+            theirs = torch.from_numpy(opencv()).permute(0, 3, 1, 2)
+            epe = (ours() - theirs).norm(dim=1)
+            t_cv = np.median([_cpu_seconds(opencv)[0] for _ in range(args.repeat)])
+            t_torch = np.median([_cpu_seconds(ours)[0] for _ in range(args.repeat)])
+            print(f"{name:>7} {size:>5} {theirs.norm(dim=1).mean():9.3f} {epe.mean():9.2e} {epe.max():9.2e} "
+                  f"{t_cv * 1e3:10.1f} {t_torch * 1e3:9.1f}")
+
+
+BENCHES["flow"] = bench_flow
 
 # ---- model -----------------------------------------------------------------
 import torch

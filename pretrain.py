@@ -252,14 +252,15 @@ def resolve_defaults(args: argparse.Namespace, synthetic: dict, paper: dict) -> 
 
 
 def make_loader(dataset: data.ClipDataset, batch_size: int, args: argparse.Namespace, train: bool,
-                rank: int, world: int) -> torch.utils.data.DataLoader:
+                rank: int, world: int, collate_fn=None) -> torch.utils.data.DataLoader:
     """A loader over this rank's shard. The sampler shuffles by (seed, epoch) even on one process,
     so a resumed run sees the same order as an uninterrupted one."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train,
                                                   seed=args.seed, drop_last=train)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=train,
-                                       worker_init_fn=augment.worker_init, persistent_workers=False)
+                                       worker_init_fn=augment.worker_init, persistent_workers=False,
+                                       collate_fn=collate_fn)
 
 
 def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
@@ -274,9 +275,12 @@ def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.ut
                                    flow_max=args.flow_max, flow_scale=args.flow_scale,
                                    crop_scale=args.crop_scale, flip=args.flip == "on", flow_padding=args.flow_padding)
     shift = (args.shift_min, args.shift_max) if args.negative in ("disturb", "shift") else None  # Eq. 4
-    dataset = data.ClipDataset(data.build_source(args, train=True), args.clip_len, args.stride, transform,
+    on_device = args.augment_device != "cpu"  # workers decode and draw; train_one_epoch applies b, s, t
+    dataset = data.ClipDataset(data.build_source(args, train=True), args.clip_len, args.stride,
+                               augment.FramesAndDraws(transform) if on_device else transform,
                                shift=shift, mode="train", seed=args.seed)
-    return make_loader(dataset, args.batch_size // world, args, train=True, rank=rank, world=world)
+    return make_loader(dataset, args.batch_size // world, args, train=True, rank=rank, world=world,
+                       collate_fn=augment.collate_frames if on_device else None)
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -330,7 +334,11 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     t_start = t_ready = time.perf_counter()
     for step, batch in enumerate(loader, 1):
         wait += time.perf_counter() - t_ready
-        views, video = batch["views"].to(device, non_blocking=True), batch["index"].to(device)
+        views, video = batch["views"], batch["index"].to(device)
+        if isinstance(views, dict):  # --augment-device cuda: the workers sent frames and draws; apply them batched
+            views = loader.dataset.transform.triplet.apply_batch(views["frames"], views["draws"], device)
+        else:
+            views = views.to(device, non_blocking=True)
         for k, v in train_step(model, views, video, optimizer, scaler, args, amp_dtype).items():
             sums[k] = sums.get(k, 0.0) + v
         skipped += int((batch["skipped"] > 0).sum())  # sample i skips exactly when video i is bad
@@ -544,6 +552,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_args(parser)
     augment.add_augment_args(parser)
+    parser.add_argument("--augment-device", choices=["cpu", "cuda"], default=None,
+                        help="where b, s and t run: cpu = per sample in the DataLoader workers; cuda = batched on "
+                             "the training GPU, the workers only decode and draw (default: cuda when training on "
+                             "a GPU, else cpu)")
     add_method_args(parser)
     run = add_run_args(parser, "runs/pretrain", training=True)
     run.add_argument("--knn-every", type=int, default=None,
@@ -551,6 +563,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN monitor (default: 20)")
     args = resolve_defaults(parser.parse_args(argv), SYNTHETIC_DEFAULTS, PAPER_DEFAULTS)
     data.resolve_data_args(args)
+    args.augment_device = args.augment_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.augment_device == "cuda" and not torch.cuda.is_available():
+        parser.error("--augment-device cuda needs a GPU; this machine has none")
     if args.lr_steps is None:
         args.lr_steps = [round(args.epochs * f) for f in (0.4, 0.6, 0.8)]
     if args.loss != "contrastive" and args.negative == "none":

@@ -596,7 +596,7 @@ def test_augment_colour_jitter_matches_stepwise_jitter():
     x = (x - m) * c + m  # contrast about the clip's mean grey
     grey = (x * luma).sum(0, keepdim=True)
     x = (x - grey) * s + grey  # saturation
-    out = augment.colour_jitter(clip, 0.2, np.random.default_rng(5))
+    out = augment.colour_jitter(clip, augment.draw_jitter(0.2, np.random.default_rng(5)))
     assert torch.allclose(out, x, atol=1e-5) and not torch.allclose(out, clip, atol=1e-2)
 
 
@@ -650,6 +650,76 @@ def test_augment_show_writes_png(tmp_path, monkeypatch):
                                       "--frames", "3", "--stride", "2", "--tau", "3"])
     augment.main()
     assert Image.open(png).size == (16 + 3 * 32, 3 * 32)
+
+
+def _augment_object_over_scene(T, H, W, step=2):
+    """uint8 (T, H, W) grey: a textured square moving right and down over a still textured scene."""
+    scene = (_augment_moving_frames(1, H, W, 0, seed=4)[0] * 255).round().astype(np.uint8)
+    patch = (_augment_moving_frames(1, H // 3, H // 3, 0, seed=5)[0] * 255).round().astype(np.uint8)
+    frames = np.repeat(scene[None], T, axis=0)
+    for t in range(T):
+        y, x = H // 4 + step * t, W // 4 + step * t
+        frames[t, y:y + len(patch), x:x + len(patch)] = patch
+    return frames
+
+
+@pytest.mark.parametrize("clip", ["pan", "object"])
+def test_augment_farneback_torch_matches_opencv(clip):
+    import cv2
+
+    T, H, W = 4, 64, 80
+    grey = (_augment_moving_frames(T, H, W, dx=2) * 255).round().astype(np.uint8) if clip == "pan" \
+        else _augment_object_over_scene(T, H, W)
+    ours = augment.farneback_torch(torch.from_numpy(grey)[None].float())[0]  # (T-1, 2, H, W)
+    theirs = torch.from_numpy(np.stack([cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK)
+                                        for t in range(T - 1)])).permute(0, 3, 1, 2)
+    assert ours.shape == theirs.shape == (T - 1, 2, H, W)
+    assert theirs.norm(dim=1).amax() > 1.5  # there is motion to get right
+    assert (ours - theirs).norm(dim=1).mean() < 1e-3  # mean EPE in px; measured ~1e-6 (bench.py flow)
+    assert augment.farneback_scales(224, 224, 0.5, 3) == [1.0, 0.5, 0.25]  # OpenCV skips sides below 32
+    with pytest.raises(ValueError, match="flags"):
+        augment.farneback_torch(torch.zeros(1, 2, 32, 32), flags=256)
+
+
+@pytest.mark.parametrize("negative", ["disturb", "flow", "none"])
+def test_augment_device_path_gives_the_cpu_views(negative):
+    """The same draws through apply_batch (device path, run on the CPU) and through the CPU path."""
+    triplet = augment.DSMTriplet(24, negative=negative, flow_max=3.0)
+    to_device = augment.FramesAndDraws(triplet)
+    samples = [(_augment_moving_rgb(4, 30, 40, dx=2, seed=i), _augment_moving_rgb(4, 30, 40, dx=1, seed=i + 5))
+               for i in range(3)]
+    samples[2] = tuple(s[:, :, :36].copy() for s in samples[2])  # another video size in the same batch
+    cpu = [triplet(clip, shifted, np.random.default_rng(i)) for i, (clip, shifted) in enumerate(samples)]
+    batch = augment.collate_frames([{"views": to_device(clip, shifted, np.random.default_rng(i)), "index": i}
+                                    for i, (clip, shifted) in enumerate(samples)])
+    device = triplet.apply_batch(batch["views"]["frames"], batch["views"]["draws"], "cpu")
+    assert device.shape == (3, 2 if negative == "none" else 3, 3, 4, 24, 24)
+    # a, p: the same ops; n: farneback_torch instead of OpenCV (measured max 6e-6 in normalised units)
+    assert torch.allclose(device, torch.stack(cpu), atol=1e-4)
+    assert not torch.allclose(device[0], device[1])
+
+
+def test_augment_device_path_in_training_loader(tmp_path):
+    """pretrain's loader with the device path yields frames + draws; one step of training runs on them
+    and its first batch equals the CPU path's."""
+    flags = ["--num-train", "16", "--num-test", "8", "--batch-size", "8", "--size", "32", "--clip-len", "4",
+             "--workers", "0", "--moco-k", "8", "--out", str(tmp_path)]
+    args = pretrain.parse_args(flags)
+    assert args.augment_device == ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu_batch = next(iter(pretrain.pretrain_loader(args, rank=0, world=1)))
+    args.augment_device = "cuda"  # the device path, applied here on the CPU
+    loader = pretrain.pretrain_loader(args, rank=0, world=1)
+    batch = next(iter(loader))
+    assert set(batch["views"]) == {"frames", "draws"} and batch["views"]["frames"][0].dtype == torch.uint8
+    views = loader.dataset.transform.triplet.apply_batch(batch["views"]["frames"], batch["views"]["draws"], "cpu")
+    assert torch.allclose(views[:, :2], cpu_batch["views"][:, :2], atol=1e-4)  # a, p
+    # n: flat synthetic regions leave Farneback's 2x2 systems near singular, so float rounding moves a
+    # few pixels of the flow (measured: max 0.11, mean 5e-5 in normalised units)
+    assert (views[:, 2] - cpu_batch["views"][:, 2]).abs().mean() < 1e-3
+    model = pretrain.DSM(args.arch, K=args.moco_k, bn_splits=2)
+    stats = pretrain.train_one_epoch(model, loader, pretrain.make_optimizer(model.encoder_q.parameters(), args),
+                                     torch.amp.GradScaler("cpu", enabled=False), args, 0, torch.device("cpu"))
+    assert math.isfinite(stats["loss"])
 
 
 # ---- models.py -------------------------------------------------------------
