@@ -41,8 +41,11 @@ def _texture(shape: tuple[int, ...], sigma: float, seed: int = 0):
     return ((texture - texture.min()) / (texture.max() - texture.min()) * 255).astype(np.uint8)
 
 
-def _moving_video(path: str, frames: int = 100, height: int = 240, width: int = 320, codec: str = "mpeg4") -> None:
-    """Write a video of a smooth texture panning right with a bright square crossing it."""
+def _moving_video(path: str, frames: int = 100, height: int = 240, width: int = 320, codec: str = "mpeg4",
+                  keyint: int | None = None) -> None:
+    """Write a video of a smooth texture panning right with a bright square crossing it, with a
+    keyframe every `keyint` frames (None: the encoder's default, 250 for x264), since where a seek
+    can land decides what it saves."""
     import av
     import numpy as np
 
@@ -50,6 +53,8 @@ def _moving_video(path: str, frames: int = 100, height: int = 240, width: int = 
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if keyint is not None:
+            stream.codec_context.gop_size = keyint  # x264's keyint ("keyint" in stream.options is ignored)
         for t in range(frames):
             frame = np.ascontiguousarray(texture[:, 2 * frames - 2 * t: 2 * frames - 2 * t + width])
             frame[100:140, 3 * t % width: 3 * t % width + 40] = 255
@@ -182,8 +187,8 @@ def _cpu_seconds(fn: Callable[[], object]) -> tuple[float, object]:
 
 def _triplet_stages(path: str, size: int, seed: int) -> dict[str, float]:
     """CPU seconds of each stage of one DSM triplet at crop `size` (decode with data.py, which seeks),
-    of the whole CPU path, of the device path's worker share (decode, draws, frames into shared
-    memory), and of decoding the same frames from the first one on, without a seek."""
+    of the whole CPU path and of the device path's worker share (decode, draws, frames into shared
+    memory)."""
     import numpy as np
 
     import augment
@@ -211,15 +216,13 @@ def _triplet_stages(path: str, size: int, seed: int) -> dict[str, float]:
     to_device = augment.FramesAndDraws(triplet)
     t["worker"] = t["decode"] + _cpu_seconds(
         lambda: to_device(clip, shifted, np.random.default_rng(seed))["frames"].share_memory_())[0]
-    wanted = sorted(set(chosen))
-    t["seek per frame"] = t["decode"] / len(wanted)
-    t["sequential per frame"] = _sequential_decode(path, wanted, files.short_side) / len(wanted)
-    t["first frame"] = wanted[0]
     return t
 
 
-def _sequential_decode(path: str, wanted: list[int], short_side: int) -> float:
-    """CPU seconds to decode the frames `wanted` (sorted) from the first frame on, without seeking."""
+def _decode_seconds(path: str, wanted: list[int], short_side: int, seek: bool) -> float:
+    """CPU seconds to decode the frames `wanted` (sorted) as data.py does (seeking to the keyframe before
+    the first one when it is past SEEK_AFTER_SECONDS) or from the first frame on; the file is opened
+    untimed either way, so only the decoding differs."""
     import av
 
     import data
@@ -227,7 +230,31 @@ def _sequential_decode(path: str, wanted: list[int], short_side: int) -> float:
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # as data.VideoFiles decodes
+        if seek:
+            return _cpu_seconds(lambda: data._decode(container, stream, wanted, stream.frames, short_side))[0]
         return _cpu_seconds(lambda: data._scan(container, stream, wanted, stream.frames, short_side, seeked=False))[0]
+
+
+def _seek_against_sequential(path: str, num_frames: int, size: int, seed: int) -> dict[str, float]:
+    """CPU seconds per needed frame of the sample `seed` of _triplet_stages (the same draws), decoded
+    with data.py's seek and from the first frame on, and its first needed frame."""
+    import numpy as np
+
+    import data
+
+    wanted = sorted(set(_paper_indices(num_frames, np.random.default_rng(seed))))
+    short_side = data.short_side_for(size)
+    return {"seek per frame": _decode_seconds(path, wanted, short_side, seek=True) / len(wanted),
+            "sequential per frame": _decode_seconds(path, wanted, short_side, seek=False) / len(wanted),
+            "first frame": wanted[0]}
+
+
+def _keyframes(path: str) -> list[int]:
+    """Indices of the keyframes of `path`, counted by decoding it, to check the encoder kept the interval."""
+    import av
+
+    with av.open(path) as container:
+        return [i for i, frame in enumerate(container.decode(video=0)) if frame.key_frame]
 
 
 def _device_batch_seconds(path: str, size: int, batch: int) -> float:
@@ -254,7 +281,8 @@ def bench_data(args: argparse.Namespace) -> None:
     of 256, and of 112 from 128), per triplet and per core: CPU seconds of each stage (medians over
     --repeat samples of a generated 640x272 H.264 video, 300 frames, x264's default keyframe interval),
     the device path's worker share against decoding alone, and decoding with data.py's seek against
-    decoding the same frames from the first one on."""
+    decoding the same frames from the first one on, with a keyframe every 250 frames (where most seeks
+    land on frame 0) and every 25 (1 s, closer to many UCF101 and Kinetics encodes)."""
     import os
     import tempfile
 
@@ -263,22 +291,31 @@ def bench_data(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    frames, sizes, seeds = 300, (224, 112), range(args.repeat)
     with tempfile.TemporaryDirectory() as tmp:
-        video = os.path.join(tmp, "moving.mp4")
-        _moving_video(video, frames=300, height=272, width=640, codec="libx264")
-        rows = {size: [_triplet_stages(video, size, seed) for seed in range(args.repeat)] for size in (224, 112)}
-        batch_224 = _device_batch_seconds(video, 224, batch=4)
-    median = {size: {k: float(np.median([r[k] for r in runs])) for k in runs[0]} for size, runs in rows.items()}
+        videos = {keyint: os.path.join(tmp, f"moving_{keyint}.mp4") for keyint in (250, 25)}
+        for keyint, video in videos.items():
+            _moving_video(video, frames=frames, height=272, width=640, codec="libx264", keyint=keyint)
+        keyframes = {keyint: _keyframes(video) for keyint, video in videos.items()}
+        rows = {size: [_triplet_stages(videos[250], size, seed) for seed in seeds] for size in sizes}
+        batch_224 = _device_batch_seconds(videos[250], 224, batch=4)
+        decodes = {(keyint, size): [_seek_against_sequential(video, frames, size, seed) for seed in seeds]
+                   for keyint, video in videos.items() for size in sizes}
+    medians = lambda runs: {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    median = {size: medians(runs) for size, runs in rows.items()}
     stages = ("decode", "b", "s", "Farneback", "flow scaling", "total")
     print(f"one DSM triplet, 16 x 4 frames + shifted, 640x272 H.264, CPU ms per triplet (1 torch/OpenCV thread), "
           f"median of {args.repeat} samples")
     print(f"{'crop':>5} " + " ".join(f"{s:>12}" for s in stages) + f" {'triplets/s/core':>16}")
     for size, m in median.items():
         print(f"{size:>5} " + " ".join(f"{m[s] * 1e3:12.1f}" for s in stages) + f" {1 / m['total']:16.2f}")
-    for size, m in median.items():
-        print(f"decode per needed frame at {size}: data.py (seeks past 2 s) {m['seek per frame'] * 1e3:.2f} ms, "
-              f"sequential from frame 0 {m['sequential per frame'] * 1e3:.2f} ms: ratio "
-              f"{m['seek per frame'] / m['sequential per frame']:.2f} (first needed frame, median {m['first frame']:.0f})")
+    print("keyframes, counted by decoding: " + "; ".join(f"every {k}: {at}" for k, at in keyframes.items()))
+    for (keyint, size), runs in decodes.items():
+        m = medians(runs)
+        print(f"decode per needed frame, keyframe every {keyint}, at {size}: "
+              f"data.py (seeks past 2 s) {m['seek per frame'] * 1e3:.2f} ms, sequential from frame 0 "
+              f"{m['sequential per frame'] * 1e3:.2f} ms: ratio {m['seek per frame'] / m['sequential per frame']:.2f} "
+              f"(first needed frame, median {m['first frame']:.0f} of {frames})")
     m = median[224]
     ratio = m["worker"] / m["decode"]
     print(f"device path at 224, worker CPU per triplet (decode + draws + frames to shared memory): "
