@@ -417,9 +417,12 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
 def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, device: torch.device) -> dict:
     """kNN top-1 (%) of test-split videos among train-split videos in the backbone's feature space:
     on the motion classes ("knn_top1") and, where scenes are known, on the scene ("knn_scene_top1").
-    Decoupling shows as the first up and the second down."""
-    train_f, train_y, train_s = embed(backbone, loaders[0], device)
-    test_f, test_y, test_s = embed(backbone, loaders[1], device)
+    Decoupling shows as the first up and the second down. Watching must not change the run: each
+    DataLoader iterator draws its seed from torch's global generator, which also drives shuffle-BN,
+    so that generator's state is put back afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        train_f, train_y, train_s = embed(backbone, loaders[0], device)
+        test_f, test_y, test_s = embed(backbone, loaders[1], device)
     out = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=args.knn_k)}
     if bool((train_s >= 0).all()) and bool((test_s >= 0).all()):
         out["knn_scene_top1"] = knn_top1(train_f, train_s, test_f, test_s, k=args.knn_k)

@@ -1211,6 +1211,19 @@ def test_pretrain_knn_top1_weights_votes_by_similarity():
     assert knn(1, 10.0) == 100.0  # k = 1: the nearest alone votes
 
 
+def test_pretrain_knn_monitor_leaves_the_run_unchanged(tmp_path):
+    """Watching the kNN must not move the global generator that shuffle-BN draws from."""
+    args = pretrain.parse_args(["--num-train", "8", "--num-test", "8", "--batch-size", "4", "--size", "32",
+                                "--clip-len", "4", "--workers", "0", "--out", str(tmp_path)])
+    loaders = pretrain.knn_loaders(args, rank=0, world=1)
+    backbone = models.build_backbone(args.arch)
+    torch.manual_seed(3)
+    expected = torch.randperm(1000)
+    torch.manual_seed(3)
+    assert "knn_top1" in pretrain.knn_monitor(backbone, loaders, args, torch.device("cpu"))
+    assert torch.equal(torch.randperm(1000), expected)
+
+
 def test_pretrain_embed_puts_each_video_in_its_row():
     generator = torch.Generator().manual_seed(0)
     clip_means = torch.rand(5, 2, 3, generator=generator)  # (videos, clips, channels)
