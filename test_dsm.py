@@ -403,11 +403,12 @@ def test_data_dataset_defaults(tmp_path, dataset, flip, crop, shift):
     args = pretrain.parse_args(["--dataset", dataset, *folders])
     assert (args.flip, args.crop_scale, (args.shift_min, args.shift_max)) == (flip, crop, shift)
     if dataset != "synthetic":  # the paper's settings
-        assert (args.size, args.clip_len, args.stride, args.epochs, args.moco_k, args.lr, args.arch) == \
-            (224, 16, 4, 200, 6536, 0.003, "i3d")
+        assert (args.size, args.clip_len, args.stride, args.epochs, args.moco_k, args.moco_t, args.lr, args.arch) == \
+            (224, 16, 4, 200, 6536, 0.07, 0.003, "i3d")
         assert args.lr_steps == [80, 120, 160] and args.batch_size == 128 and args.optimizer == "sgd"
-    else:  # the CPU demo: AdamW at a constant rate, 6 epochs
-        assert (args.optimizer, args.lr, args.lr_steps, args.epochs, args.moco_k) == ("adam", 1e-3, [], 6, 512)
+    else:  # the CPU demo: AdamW at a constant rate, 6 epochs, tau 0.04
+        assert (args.optimizer, args.lr, args.lr_steps, args.epochs, args.moco_k, args.moco_t) == \
+            ("adam", 1e-3, [], 6, 512, 0.04)
     assert pretrain.parse_args(["--dataset", dataset, *folders, "--flip", "on"]).flip == "on"
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--crop-scale", "0.9", "0.5"])
