@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
         f"the per-rank batch {args.batch_size // world} must split into --bn-splits {args.bn_splits} groups"
     print_config("pretrain", args, world, args.batch_size // world // args.bn_splits,
                  method=f"loss {args.loss}, positive {args.positive}, negative {args.negative}",
-                 queue=f"K {args.moco_k}" if args.loss != "triplet" else "none",
+                 queue=f"K {args.moco_k}, tau {args.moco_t}" if args.loss != "triplet" else "none",
                  schedule=f"{args.epochs} epochs, {args.optimizer} lr {args.lr}")
     model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
                 args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on").to(device)
