@@ -144,9 +144,13 @@ class TPSWarp:
                                padding_mode="border", align_corners=False)
         return warped.reshape(B, channels, T, H, W)
 
+    def apply(self, clip: Tensor, src: Tensor) -> Tensor:
+        """s on one clip (C, T, H, W) with the source points src (N, 2)."""
+        return self.warp(clip[None], self.grid(src)[None])[0]
+
     def __call__(self, clip: Tensor, rng: np.random.Generator) -> Tensor:
         """s on one clip (C, T, H, W) with new source points drawn from rng."""
-        return self.warp(clip[None], self.grid(self.sample_src(rng))[None])[0]
+        return self.apply(clip, self.sample_src(rng))
 
 
 # ---- Temporal Local Disturbance t: optical-flow scaling ------------------------
@@ -298,12 +302,11 @@ def border_weights(height: int, width: int, device: torch.device) -> Tensor:
     return ramp(height)[:, None] * ramp(width)[None, :]
 
 
-def farneback_matrices(R0: Tensor, R1: Tensor, flow: Tensor, border: Tensor) -> Tensor:
+def farneback_matrices(R0: Tensor, R1: Tensor, flow: Tensor, border: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
     """(B, 5, H, W) per-pixel G = A^T A (xx, xy, yy) and h = A^T Delta b (x, y) for the current flow,
-    with A the mean of the two fits and Delta b = (b0 - b1(p + d)) / 2 + A d (Farneback 2003, Eq. 7)."""
+    with A the mean of the two fits and Delta b = (b0 - b1(p + d)) / 2 + A d (Farneback 2003, Eq. 7).
+    xs, ys: (H, W) pixel coordinates, made once per pyramid level."""
     _, _, H, W = R0.shape
-    ys, xs = torch.meshgrid(torch.arange(H, device=flow.device, dtype=flow.dtype),
-                            torch.arange(W, device=flow.device, dtype=flow.dtype), indexing="ij")
     px, py = xs + flow[:, 0], ys + flow[:, 1]  # (B, H, W) where p lands in the second frame
     inside = ((px.floor() >= 0) & (px.floor() < W - 1) & (py.floor() >= 0) & (py.floor() < H - 1))[:, None]
     grid = torch.stack([2 * px / (W - 1) - 1, 2 * py / (H - 1) - 1], dim=-1)
@@ -348,8 +351,10 @@ def farneback_torch(grey: Tensor, pyr_scale: float = 0.5, levels: int = 3, winsi
         else:
             flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) / pyr_scale
         border = border_weights(h, w, grey.device)
+        ys, xs = torch.meshgrid(torch.arange(h, device=grey.device, dtype=flow.dtype),
+                                torch.arange(w, device=grey.device, dtype=flow.dtype), indexing="ij")
         for _ in range(iterations):
-            flow = farneback_solve(farneback_matrices(R0, R1, flow, border), winsize)
+            flow = farneback_solve(farneback_matrices(R0, R1, flow, border, xs, ys), winsize)
     return flow.view(N, T - 1, 2, H, W)
 
 
@@ -538,7 +543,7 @@ class DSMTriplet:
             factors = draws["jitter"][v].numpy() if "jitter" in draws else None
             views.append(self.b.apply(frames[source], tuple(draws["box"][v].tolist()), factors, flip))
         if self.s is not None:
-            views[1] = self.s.warp(views[1][None], self.s.grid(draws["src"])[None])[0]  # p = s(b(c2))
+            views[1] = self.s.apply(views[1], draws["src"])  # p = s(b(c2))
         if self.scales_flow:
             n = views[2]
             views[2] = scale_motion(n, farneback_flow(n, self.flow_scale), draws["phi"], self.flow_padding)  # Eq. 3

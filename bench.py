@@ -168,14 +168,11 @@ BENCHES["augment"] = bench_augment
 
 # ---- data ------------------------------------------------------------------
 def _paper_indices(num_frames: int, rng) -> list[int]:
-    """A training sample's frames at the paper's settings, drawn as ClipDataset draws them: 16 x 4
-    anchor frames, then the same frames tau ~ U[2, 20] later (Eq. 4)."""
+    """A training sample's frames at the paper's settings, as ClipDataset draws them: 16 x 4 anchor
+    frames, then the same frames tau ~ U[2, 20] later (Eq. 4)."""
     import data
 
-    start = int(rng.integers(data.last_start(num_frames, 16, 4) + 1))
-    anchor = data.temporal_indices(num_frames, start, 16, 4)
-    tau = data.sample_shift(rng, 2, 20)
-    return anchor + [(k + tau) % num_frames for k in anchor]
+    return data.train_indices(num_frames, 16, 4, (2, 20), rng)
 
 
 def _cpu_seconds(fn: Callable[[], object]) -> tuple[float, object]:
@@ -209,7 +206,7 @@ def _triplet_stages(path: str, size: int, seed: int) -> dict[str, float]:
     flip, boxes, jitter = bool(draws["flip"]), draws["box"].tolist(), draws["jitter"].numpy()
     t["b"], (a, p, n) = _cpu_seconds(lambda: [triplet.b.apply(f, tuple(box), j, flip)
                                                for f, box, j in zip((clip, clip, shifted), boxes, jitter)])
-    t["s"], _ = _cpu_seconds(lambda: triplet.s.warp(p[None], triplet.s.grid(draws["src"])[None]))
+    t["s"], _ = _cpu_seconds(lambda: triplet.s.apply(p, draws["src"]))
     t["Farneback"], flow = _cpu_seconds(lambda: augment.farneback_flow(n))
     t["flow scaling"], _ = _cpu_seconds(lambda: augment.scale_motion(n, flow, draws["phi"]))
     t["total"] = t["decode"] + _cpu_seconds(lambda: triplet.apply(clip, shifted, draws))[0]

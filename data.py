@@ -70,6 +70,23 @@ def last_start(num_frames: int, clip_len: int, stride: int) -> int:
     return max(num_frames - ((clip_len - 1) * stride + 1), 0)
 
 
+def train_indices(num_frames: int, clip_len: int, stride: int, shift: tuple[int, int] | None,
+                  rng: np.random.Generator, static: bool = False) -> list[int]:
+    """A training sample's frames: the anchor clip, then, with shift = (alpha1, alpha2), the same
+    frames tau later (Eq. 4). A clip must not jump: it starts where it fits and only a too-short
+    video loops; the shifted frames loop past the end as the paper says. static (Fig. 1's
+    diagnostic): one random frame repeated, no motion at all."""
+    if static:
+        anchor = [int(rng.integers(num_frames))] * clip_len
+    else:
+        anchor = temporal_indices(num_frames, int(rng.integers(last_start(num_frames, clip_len, stride) + 1)),
+                                  clip_len, stride)
+    if shift is None:
+        return anchor
+    tau = sample_shift(rng, *shift)
+    return anchor + [(k + tau) % num_frames for k in anchor]  # Eq. 4, looping past the end
+
+
 def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
     """Starts of the num_clips test clips, spaced uniformly over the video.
 
@@ -627,17 +644,7 @@ class ClipDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{len(reasons)} bad videos in a row from index {i}; the last: {reasons[-1]}")
 
     def _train_views(self, j: int, rng: np.random.Generator):
-        def choose(num_frames: int) -> list[int]:
-            if self.static:  # Fig. 1 diagnostic: one random frame, no motion at all
-                anchor = [int(rng.integers(num_frames))] * self.clip_len
-            else:  # a clip must not jump: it starts where it fits, and only a too-short video loops
-                anchor = temporal_indices(num_frames, int(rng.integers(last_start(num_frames, self.clip_len, self.stride) + 1)),
-                                          self.clip_len, self.stride)
-            if self.shift is None:
-                return anchor
-            tau = sample_shift(rng, *self.shift)
-            return anchor + [(k + tau) % num_frames for k in anchor]  # Eq. 4, looping past the end
-
+        choose = lambda num_frames: train_indices(num_frames, self.clip_len, self.stride, self.shift, rng, self.static)
         frames = self.source.read(j, choose)  # (T or 2T, H, W, 3): one decode for a and n
         if self.shift is None:
             return torch.from_numpy(frames) if self.transform is None else self.transform(frames, None, rng)
