@@ -693,7 +693,8 @@ def bench_results(args: argparse.Namespace) -> None:
     parser = argparse.ArgumentParser(prog="bench.py results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one table per seed, then mean +- std (default: 0)")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="every pretraining (default: pretrain.py's, 12)")
+    parser.add_argument("--pretrain-epochs", type=int, default=None,
+                        help="every pretraining (default: pretrain.py's, 6 on synthetic)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="every probe and fine-tuning (default: finetune.py's, 12)")
     parser.add_argument("--out", default="runs/results", help="run folder (default: runs/results)")

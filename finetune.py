@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         compare(*args.compare)
         return
-    rank, world, device = pretrain.setup_distributed()
+    rank, world, device = pretrain.setup_distributed(args.workers)
     assert args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} ranks"
     pretrain.print_config("finetune", args, world, args.batch_size // world if args.protocol == "full" else None,
                           start=args.pretrained, protocol=f"{args.protocol}, split {args.split}",

@@ -50,8 +50,13 @@ PAPER_DEFAULTS = dict(arch="i3d", epochs=200, batch_size=128, moco_k=6536, moco_
 
 # ---- distributed helpers (shared by finetune.py and retrieve.py) ------------------------
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """One process per device, as launched by torchrun; a plain `python` run is rank 0 of 1."""
+def setup_distributed(workers: int = 0) -> tuple[int, int, torch.device]:
+    """One process per device, as launched by torchrun; a plain `python` run is rank 0 of 1.
+
+    On the CPU the `workers` DataLoader processes need cores too: torch's one thread per core in
+    the training process on top of them made a CPU epoch 1.25x slower (README, "Speed"), so the
+    process keeps the cores the workers leave, unless OMP_NUM_THREADS says otherwise.
+    """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -59,6 +64,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // world - workers))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -148,9 +156,12 @@ class DSM(nn.Module):
     """
 
     def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07,
-                 bn_splits: int = 1, n_encoder: str = "q", p_encoder: str = "k", mask_own: bool = True):
+                 bn_splits: int = 1, n_encoder: str = "q", p_encoder: str = "k", mask_own: bool = True,
+                 n_batch: str = "own"):
         super().__init__()
         assert n_encoder in ("q", "k") and p_encoder in ("q", "k"), (n_encoder, p_encoder)
+        assert n_batch in ("own", "anchor"), n_batch
+        self.n_batch = n_batch
         assert K == 0 or p_encoder == "k", "the queue holds keys: Eq. 7 needs p through f_k"
         self.K, self.m, self.tau = K, m, tau
         self.n_encoder, self.p_encoder, self.mask_own = n_encoder, p_encoder, mask_own
@@ -189,9 +200,12 @@ class DSM(nn.Module):
                 video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """a, p, n: (B, C, T, H, W), video: (B,) dataset index -> z_a, z_p, z_n (B, D) and the Eq. 7 logits."""
         self.momentum_update()
-        z_a = self.encode(a, "q")  # (B, D), unit norm
+        if n is not None and self.n_encoder == "q" and self.n_batch == "anchor":
+            z_a, z_n = self.encoder_q(torch.cat([a, n])).chunk(2)  # (B, D) each, one BatchNorm batch
+        else:
+            z_a = self.encode(a, "q")  # (B, D), unit norm
+            z_n = None if n is None else self.encode(n, self.n_encoder)  # (B, D)
         z_p = self.encode(p, self.p_encoder)  # (B, D)
-        z_n = None if n is None else self.encode(n, self.n_encoder)  # (B, D)
         out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
         if self.K > 0:
             own = self.queue_video[None] == video[:, None]  # (B, K): keys of the anchor's own video
@@ -527,6 +541,10 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--n-encoder", choices=["q", "k"], default="q",
                         help="which encoder embeds the negative n: q = f_q, with gradient; k = the momentum encoder "
                              "f_k, like the queue's keys (default: q)")
+    method.add_argument("--n-batch", choices=["own", "anchor"], default="own",
+                        help="with --n-encoder q, the BatchNorm batch of n: own = a forward of the negatives alone; "
+                             "anchor = one forward with the anchors, so BatchNorm cannot normalise away what all "
+                             "negatives share (default: own)")
     method.add_argument("--p-encoder", choices=["q", "k"], default="k",
                         help="which encoder embeds the positive p; q (one network f, as Eq. 5 is written) only with "
                              "--loss triplet, since the queue holds f_k's keys (default: k)")
@@ -629,7 +647,7 @@ def final_report(model: DSM, knn: tuple, args: argparse.Namespace, device: torch
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.workers)
     assert args.batch_size % world == 0, f"--batch-size {args.batch_size} must divide over {world} ranks"
     torch.manual_seed(args.seed)
     loader = pretrain_loader(args, rank, world)
@@ -642,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
                  queue=f"K {args.moco_k}, tau {args.moco_t}" if args.loss != "triplet" else "none",
                  schedule=f"{args.epochs} epochs, {args.optimizer} lr {args.lr}")
     model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
-                args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on").to(device)
+                args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on", args.n_batch).to(device)
     optimizer = make_optimizer(model.encoder_q.parameters(), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(args, device) == torch.float16)
     if is_main():

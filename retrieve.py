@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict | None:
     """Features of both splits, Recall@K of the test videos among the train videos; rank 0 returns the results."""
     args = parse_args(argv)
-    rank, world, device = pretrain.setup_distributed()
+    rank, world, device = pretrain.setup_distributed(args.workers)
     pretrain.print_config("retrieve", args, world, None, start=args.pretrained,
                           level="clip" if args.clip_level else "video")
     torch.manual_seed(args.seed)  # --pretrained none: the random init is a function of the seed

@@ -1043,6 +1043,23 @@ def test_pretrain_which_encoder_embeds_n_and_p(n_encoder):
         pretrain.DSM("mini", dim=4, K=8, p_encoder="q")  # the queue needs f_k's keys
 
 
+def test_pretrain_n_batch_decides_the_batchnorm_batch_of_n():
+    """--n-batch anchor embeds a and n in one forward: n's training-mode BatchNorm statistics then
+    come from a and n together, so z_n differs from a forward of the negatives alone."""
+    torch.manual_seed(0)
+    a, p, n = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16), torch.randn(4, 3, 4, 16, 16) + 2
+    z_n = {}
+    for n_batch in ("own", "anchor"):
+        torch.manual_seed(1)
+        model = pretrain.DSM("mini", dim=4, K=8, n_batch=n_batch)
+        out = model(a, p, n, torch.arange(4))
+        z_n[n_batch] = out["z_n"]
+        torch.manual_seed(1)
+        expected = pretrain.DSM("mini", dim=4, K=8).encoder_q(n if n_batch == "own" else torch.cat([a, n]))[-4:]
+        assert torch.allclose(z_n[n_batch], expected, atol=1e-6), n_batch
+    assert not torch.allclose(z_n["own"], z_n["anchor"], atol=1e-3)
+
+
 def test_pretrain_prints_setting_and_warns_on_the_literal_8_gpu_command(capsys):
     args = pretrain.parse_args(["--arch", "i3d"])  # what `torchrun --nproc_per_node=8 pretrain.py --arch i3d` parses
     with pytest.warns(UserWarning) as caught:
@@ -1083,6 +1100,24 @@ def test_pretrain_single_process_shuffle_bn():
     assert torch.allclose(keys, expected, atol=1e-5)
     with pytest.raises(AssertionError):
         model.encoder_q(x[:3])
+
+
+def test_pretrain_leaves_the_workers_their_cores(monkeypatch):
+    """On the CPU the training process takes the cores its DataLoader workers leave, unless
+    OMP_NUM_THREADS is set; it always keeps one."""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        for workers in (0, 1, cores + 3):
+            pretrain.setup_distributed(workers)
+            assert torch.get_num_threads() == max(1, cores - workers), workers
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        pretrain.setup_distributed(1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_pretrain_momentum_update():
