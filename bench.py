@@ -600,6 +600,11 @@ RESULT_ROWS = {"random init": ("random", None), "supervised": ("supervised", Non
 # the miniature of the paper's Table 4: pretraining alone, judged by its kNN monitor (M-disturb is the DSM row)
 ABLATION_ROWS = {"S-warp only": ("swarp", ["--negative=none"]), "S-warp + T-shift": ("tshift", ["--negative=shift"]),
                  "S-warp + Scaling-Of": ("scaling", ["--negative=flow"]), "DSM, both losses": ("both", ["--loss=both"])}
+# the claim in numbers: (row, reference row, column) must lead by TARGET_LEAD points on every seed
+TARGETS = [("DSM", "random init", "kNN motion"), ("DSM", "MoCo baseline", "kNN motion"),
+           ("DSM (Triplet)", "MoCo baseline", "kNN motion"), ("DSM", "MoCo baseline", "fine-tune top-1"),
+           ("DSM", "supervised", "fine-tune top-1")]
+TARGET_LEAD = 10.0
 RESULT_SHARED_FLAGS = ("num-train", "num-test", "size", "clip-len", "stride", "batch-size", "workers")  # every stage
 
 
@@ -673,6 +678,18 @@ def _results_row(folder: str, supervised: str) -> dict[str, float]:
             "R@1": retrieval["recall@1"], "R@5": retrieval["recall@5"]}
 
 
+def _target_lines(per_seed: list[dict[str, dict[str, float]]], seeds: list[int]) -> list[str]:
+    """One line per target: the lead on each seed and the seeds where it falls short."""
+    lines = []
+    for row, reference, column in TARGETS:
+        leads = [cells[row][column] - cells[reference][column] for cells in per_seed]
+        missed = [str(seed) for seed, lead in zip(seeds, leads) if not lead >= TARGET_LEAD]
+        verdict = f"MISSED on seed {', '.join(missed)}" if missed else "met on every seed"
+        lines.append(f"- {row} - {reference}, {column}: " + ", ".join(f"{lead:+.1f}" for lead in leads)
+                     + f" (seeds {', '.join(map(str, seeds))}): {verdict}")
+    return lines
+
+
 def bench_results(args: argparse.Namespace) -> None:
     """The README's synthetic results table: rows random init, supervised, MoCo baseline,
     DSM (Triplet), DSM, then the miniature of Table 4 (pretraining and its kNN only); columns the
@@ -680,7 +697,8 @@ def bench_results(args: argparse.Namespace) -> None:
     probe and of fine-tuning on the scene-independent test split and on the scene-biased train
     split, retrieval R@1 and R@5. Seed S draws both the synthetic videos and the runs.
     Every run lands in OUT/seedS/<row>/...; a finished run is not run again, so a killed table
-    resumes. Prints the markdown table and writes OUT/table.md.
+    resumes. Prints the markdown table and the targets (a lead of TARGET_LEAD points on every seed),
+    and writes both to OUT/table.md.
 
         python bench.py results                                   # the full table: 21 runs per seed, each 4-8 min on 2 cores
         python bench.py results --seeds 0 1 2                     # mean +- std over three seeds
@@ -713,7 +731,9 @@ def bench_results(args: argparse.Namespace) -> None:
                                                 for c in columns) + " |")
     config = {k: v for k, v in vars(opts).items() if v is not None and k != "out"}
     table = "\n".join([f"Synthetic scene/motion data, video top-1 and Recall@K in %, {config}.", "",
-                       *lines, "", "Fine-tuning from random init is the supervised run: the two rows share it."])
+                       *lines, "", "Fine-tuning from random init is the supervised run: the two rows share it.", "",
+                       f"Targets, a lead of at least {TARGET_LEAD:.0f} points on every seed:",
+                       *_target_lines(per_seed, opts.seeds)])
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "table.md"), "w") as f:
         f.write(table + "\n")

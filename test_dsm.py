@@ -1663,3 +1663,25 @@ def test_visualize_cli_video_file_and_eval(tmp_path, capsys):
     assert 0 < results["a"]["box_mass"] < 1
     with pytest.raises(SystemExit):
         visualize.parse_args(["--pretrained", "none", "--names", "a", "b"])
+
+
+# ---- bench.py results: the targets ------------------------------------------
+
+import bench
+
+
+def test_bench_targets_name_every_seed_that_falls_short():
+    def seed(dsm_knn: float, dsm_ft: float) -> dict[str, dict[str, float]]:
+        return {"random init": {"kNN motion": 15.0, "fine-tune top-1": math.nan},
+                "supervised": {"kNN motion": math.nan, "fine-tune top-1": 13.0},
+                "MoCo baseline": {"kNN motion": 35.0, "fine-tune top-1": 30.0},
+                "DSM (Triplet)": {"kNN motion": 60.0, "fine-tune top-1": math.nan},
+                "DSM": {"kNN motion": dsm_knn, "fine-tune top-1": dsm_ft}}
+
+    lines = bench._target_lines([seed(50.0, 60.0), seed(40.0, math.nan)], [0, 2])
+    assert len(lines) == len(bench.TARGETS)
+    by_target = dict(zip(bench.TARGETS, lines))
+    assert by_target[("DSM", "random init", "kNN motion")].endswith("met on every seed")
+    assert "+15.0, +5.0" in by_target[("DSM", "MoCo baseline", "kNN motion")]
+    assert by_target[("DSM", "MoCo baseline", "kNN motion")].endswith("MISSED on seed 2")
+    assert by_target[("DSM", "supervised", "fine-tune top-1")].endswith("MISSED on seed 2")  # a missing run is no lead
