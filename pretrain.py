@@ -153,6 +153,7 @@ class DSM(nn.Module):
     many sub-batches with their own BatchNorm statistics (SplitBatchNorm3d), the keys shuffled
     before they are grouped.
     `mask_own` leaves queue keys of the anchor's own video out of Eq. 7's denominator.
+    `n_batch` "anchor" embeds n through f_q in one forward with a (one BatchNorm batch), "own" alone.
     """
 
     def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07,
@@ -593,6 +594,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lr_steps = [round(args.epochs * f) for f in (0.4, 0.6, 0.8)]
     if args.loss != "contrastive" and args.negative == "none":
         parser.error(f"--loss {args.loss} needs a negative for Eq. 5: choose --negative disturb, flow or shift")
+    if args.n_batch == "anchor" and args.n_encoder != "q":
+        parser.error("--n-batch anchor needs --n-encoder q: f_k embeds n without the anchors")
     if args.loss != "triplet" and args.p_encoder == "q":
         parser.error("--p-encoder q needs --loss triplet: Eq. 7's queue holds keys of the momentum encoder f_k")
     if args.loss != "triplet" and args.moco_k < args.batch_size:

@@ -1157,6 +1157,9 @@ def test_pretrain_bad_flags_are_argparse_errors(capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--moco-k", "8", "--batch-size", "16"])
     with pytest.raises(SystemExit):
+        pretrain.parse_args(["--n-batch", "anchor", "--n-encoder", "k"])
+    assert "--n-batch anchor needs --n-encoder q" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         pretrain.parse_args(["--arch", "resnet50"])
     assert "invalid choice" in capsys.readouterr().err
 
