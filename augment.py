@@ -558,7 +558,7 @@ class DSMTriplet:
         (one (1 or 2, T, H, W, 3) tensor per sample: anchor[, shifted]; sizes may differ between videos)
         and their collated draws. The same computation as `apply`, batched, with farneback_torch."""
         boxes, flips = draws["box"].tolist(), draws["flip"].tolist()  # on the host: no device sync
-        draws = {k: v.to(device, non_blocking=True) for k, v in draws.items()}
+        draws = {k: v.to(device, non_blocking=True) for k, v in draws.items() if k in ("jitter", "src", "phi")}
         frames = [f.to(device, non_blocking=True) for f in frames]
         views = torch.stack([torch.stack([resize_crop(f[source], tuple(boxes[i][v]), self.b.size, flips[i])
                                           for v, source in enumerate(self.sources())])

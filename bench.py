@@ -191,16 +191,11 @@ def _triplet_stages(path: str, size: int, seed: int) -> dict[str, float]:
     import augment
     import data
 
-    rng, chosen = np.random.default_rng(seed), []
+    rng = np.random.default_rng(seed)
     files = data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(size))
     triplet = augment.DSMTriplet(size)
-
-    def choose(num_frames: int) -> list[int]:
-        chosen.extend(_paper_indices(num_frames, rng))
-        return chosen
-
     t = {}
-    t["decode"], frames = _cpu_seconds(lambda: files.read(0, choose))
+    t["decode"], frames = _cpu_seconds(lambda: files.read(0, lambda num_frames: _paper_indices(num_frames, rng)))
     clip, shifted = frames[:16], frames[16:]
     draws = triplet.draw(16, *clip.shape[1:3], rng)
     flip, boxes, jitter = bool(draws["flip"]), draws["box"].tolist(), draws["jitter"].numpy()

@@ -162,7 +162,7 @@ class DSM(nn.Module):
                  n_batch: str = "own"):
         super().__init__()
         assert n_encoder in ("q", "k") and p_encoder in ("q", "k"), (n_encoder, p_encoder)
-        assert n_batch in ("own", "anchor"), n_batch
+        assert n_batch in ("own", "anchor") and (n_batch == "own" or n_encoder == "q"), (n_batch, n_encoder)
         self.n_batch = n_batch
         assert K == 0 or p_encoder == "k", "the queue holds keys: Eq. 7 needs p through f_k"
         self.K, self.m, self.tau = K, m, tau
@@ -202,7 +202,7 @@ class DSM(nn.Module):
                 video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """a, p, n: (B, C, T, H, W), video: (B,) dataset index -> z_a, z_p, z_n (B, D) and the Eq. 7 logits."""
         self.momentum_update()
-        if n is not None and self.n_encoder == "q" and self.n_batch == "anchor":
+        if n is not None and self.n_batch == "anchor":
             z_a, z_n = self.encoder_q(torch.cat([a, n])).chunk(2)  # (B, D) each, one BatchNorm batch
         else:
             z_a = self.encode(a, "q")  # (B, D), unit norm
