@@ -25,7 +25,9 @@ its GPU (DSMTriplet.apply_batch, with farneback_torch in place of OpenCV), from 
     python augment.py --show VIDEO OUT.png     # one triplet as a picture: rows a, p, n
 """
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -115,6 +117,11 @@ class TPSWarp:
         K_pix = tps_features(pixel_centres(height, width).reshape(-1, 2).numpy(), dst)  # (HW, N+3)
         self.A = (K_pix @ L_inv[:, : len(dst)]).astype(np.float32)  # (HW, N): the [0] rows of [src; 0] drop out
         self._A_on: dict[str, Tensor] = {}  # A as a tensor per device, for the device path
+
+    def __getstate__(self) -> dict:
+        """What a DataLoader worker receives: no device copies of A, which would open a CUDA context
+        in every spawned worker."""
+        return {**self.__dict__, "_A_on": {}}
 
     def grid(self, src: Tensor) -> Tensor:
         """(H, W, 2) grid of the TPS with f(dst_i) = src_i; equals tps_grid(self.dst, src, H, W)."""
@@ -287,7 +294,7 @@ def poly_expansion(frames: Tensor, n: int, sigma: float) -> Tensor:
     for out, (row, kernel) in enumerate([(0, one), (0, lin), (1, one), (0, quad), (2, one), (1, lin)]):
         horizontal[out, row, 0] = kernel  # 1, x, y, x^2, y^2, xy
     corr = F.conv2d(F.pad(rows, (n, n, 0, 0), mode="replicate"), horizontal.to(frames))  # (B, 6, H, W)
-    return torch.einsum("kc,bchw->bkhw", solve.to(frames), corr)
+    return F.conv2d(corr, solve.to(frames)[:, :, None, None])  # (B, 5, H, W): the least-squares fit per pixel
 
 
 def border_weights(height: int, width: int, device: torch.device) -> Tensor:
@@ -336,9 +343,29 @@ def farneback_torch(grey: Tensor, pyr_scale: float = 0.5, levels: int = 3, winsi
     """(N, T, H, W) grey in [0, 255] -> (N, T-1, 2, H, W) flow as farneback_flow gives it:
     clip[:, t+1](p) ~= clip[:, t](p + flow[t](p)) (Eq. 2), all frame pairs of the batch at once.
 
-    Each frame's polynomial fit serves both pairs it belongs to. flags must be 0 (box window)."""
+    Each frame's polynomial fit serves both pairs it belongs to. flags must be 0 (box window). TF32
+    is off inside: its 10-bit mantissa moved the flow from OpenCV's by 0.17 px at worst."""
     if flags != 0:
         raise ValueError(f"farneback_torch implements flags=0 only, got {flags}")
+    with full_fp32():
+        return _farneback_levels(grey, pyr_scale, levels, winsize, iterations, poly_n, poly_sigma)
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """cuDNN convolutions in full float32: PyTorch lets them use TF32 on Ampere and newer by default
+    (matmuls it does not, and Farneback here runs on convolutions alone)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+def _farneback_levels(grey: Tensor, pyr_scale: float, levels: int, winsize: int, iterations: int,
+                      poly_n: int, poly_sigma: float) -> Tensor:
+    """farneback_torch's coarse-to-fine loop."""
     N, T, H, W = grey.shape
     frames = grey.reshape(N * T, 1, H, W).float()
     flow = None

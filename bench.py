@@ -4,13 +4,14 @@ Every number is measured side by side in one run on this machine, so the ratios 
 a noisy shared machine where absolute times do not.
 
     python bench.py augment     # TPS warp, flow-scaled negative, one triplet from a file
-    python bench.py data        # the data path at the paper's settings, stage by stage, per core
+    python bench.py data        # the data path at the paper's settings, stage by stage, per core; raw vs prepared
     python bench.py flow        # torch Farneback against OpenCV's: end-point error and CPU time
     python bench.py model       # forward+backward per clip and GFLOP/s for every arch
     python bench.py train       # a DSM step against torchvision parts; the default run's speed
     python bench.py retrieval   # blocked top-k against one matmul, and its memory
     python bench.py crops       # how often the synthetic crop loses the moving object
     python bench.py results     # the README's synthetic results table (every stage, hours)
+    python bench.py gpu         # the CUDA paths on this machine's GPU, one table (about 5 minutes)
 """
 import argparse
 import time
@@ -268,13 +269,58 @@ def _device_batch_seconds(path: str, size: int, batch: int) -> float:
     return timeit(apply, repeat=1, warmup=0) / batch
 
 
+def _raw_against_prepared(repeat: int, frames: int = 250) -> dict[str, object]:
+    """CPU seconds per training sample's decode at the paper's setting (data.VideoFiles + data.ClipDataset:
+    16 x 4 frames, shift 2-20, short side 256 for crops of 224) on a generated 1280x720 H.264 video with
+    x264's defaults (keyint 250: one keyframe in `frames` = 250) and on its `data.prepare_video` copy
+    (short side 256, keyframe every 16), sample i drawing the same frames from both, timed in
+    alternation; and the CPU seconds that preparing it took."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    import data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"raw": os.path.join(tmp, "raw.mp4"), "prepared": os.path.join(tmp, "prepared.mp4")}
+        _moving_video(paths["raw"], frames=frames, height=720, width=1280, codec="libx264")
+        prepare_cpu, _ = _cpu_seconds(lambda: data.prepare_video(paths["raw"], paths["prepared"], 256, 16))
+        datasets = {name: data.ClipDataset(data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(224)),
+                                           clip_len=16, stride=4, shift=(2, 20)) for name, path in paths.items()}
+        seconds = {name: [] for name in paths}
+        for i in range(repeat):
+            for name, dataset in datasets.items():
+                seconds[name].append(_cpu_seconds(lambda: dataset[i])[0])
+        out = {name: float(np.median(runs)) for name, runs in seconds.items()}
+        out["keyframes"] = {name: _keyframes(path) for name, path in paths.items()}
+        out["prepared size"] = tuple(datasets["prepared"][0]["views"].shape[2:4])  # (H, W) as decoded at 256
+    return {**out, "prepare": prepare_cpu, "frames": frames}
+
+
+def _print_raw_against_prepared(repeat: int) -> None:
+    m = _raw_against_prepared(repeat)
+    ratio = m["raw"] / m["prepared"]
+    print(f"raw against prepared: one training sample's decode (16 x 4 frames + shift 2-20, short side 256 for "
+          f"crops of 224, data.VideoFiles + ClipDataset), CPU ms per sample, median of {repeat} samples, the same "
+          f"frames from both files")
+    print(f"  raw 1280x720 H.264, {m['frames']} frames, keyframes at {m['keyframes']['raw']}: "
+          f"{m['raw'] * 1e3:.1f} ms per sample")
+    height, width = m["prepared size"]
+    print(f"  prepared {width}x{height} (data.py prepare --short-side 256 --keyframe-every 16), keyframes at "
+          f"{m['keyframes']['prepared'][:4]}...: {m['prepared'] * 1e3:.1f} ms per sample")
+    print(f"  ratio raw/prepared: {ratio:.1f}x (target >= 3: {'ok' if ratio >= 3 else 'MISSED'}); preparing this "
+          f"video once cost {m['prepare']:.2f} s CPU ({m['prepare'] / m['frames'] * 1e3:.1f} ms per frame)")
+
+
 def bench_data(args: argparse.Namespace) -> None:
     """The data path at the paper's settings (16 x 4 frames, shift 2-20, crops of 224 from a short side
     of 256, and of 112 from 128), per triplet and per core: CPU seconds of each stage (medians over
     --repeat samples of a generated 640x272 H.264 video, 300 frames, x264's default keyframe interval),
     the device path's worker share against decoding alone, and decoding with data.py's seek against
     decoding the same frames from the first one on, with a keyframe every 250 frames (where most seeks
-    land on frame 0) and every 25 (1 s, closer to many UCF101 and Kinetics encodes)."""
+    land on frame 0) and every 25 (1 s, closer to many UCF101 and Kinetics encodes); last, a sample's decode
+    from a raw 1280x720 video against its `data.py prepare` copy (_raw_against_prepared)."""
     import os
     import tempfile
 
@@ -315,6 +361,7 @@ def bench_data(args: argparse.Namespace) -> None:
           f"(target <= 1.2: {'ok' if ratio <= 1.2 else 'MISSED'}); CPU path {m['total'] / m['decode']:.2f}x")
     print(f"device path's augmentation (apply_batch) on this CPU, batch of 4 at 224: {batch_224 * 1e3:.0f} ms per "
           f"triplet (informative: it is meant for the GPU)")
+    _print_raw_against_prepared(args.repeat)
 
 
 BENCHES["data"] = bench_data
@@ -737,6 +784,154 @@ def bench_results(args: argparse.Namespace) -> None:
 
 BENCHES["results"] = bench_results
 OWN_FLAGS.add("results")
+
+
+# ---- gpu: the CUDA paths on this machine's GPU, in one command --------------------------
+GPU_CLASSES = ("PanA", "PanB")  # two class folders of identical generated videos: speed, not accuracy
+GPU_PAPER = ["--arch", "i3d", "--size", "224", "--clip-len", "16", "--stride", "4", "--batch-size", "8"]
+
+
+def _gpu_videos(root: str, train_per_class: int, test_per_class: int, frames: int = 120,
+                height: int = 240, width: int = 320) -> list[str]:
+    """Generated H.264 videos in the UCF101 layout under ROOT (videos/, splits/); returns the
+    --root/--split-dir flags. One file is encoded and copied: decoding costs the same."""
+    import shutil
+
+    os.makedirs(root, exist_ok=True)
+    source = os.path.join(root, "source.mp4")  # MP4 under .avi names: PyAV stamps H.264 in AVI a frame late
+    _moving_video(source, frames, height, width, codec="libx264", keyint=16)
+    lines = {"train": [], "test": []}
+    for label, name in enumerate(GPU_CLASSES, 1):
+        os.makedirs(os.path.join(root, "videos", name), exist_ok=True)
+        for group in range(1, train_per_class + test_per_class + 1):
+            rel = f"{name}/v_{name}_g{group:02d}_c01.avi"
+            shutil.copyfile(source, os.path.join(root, "videos", rel))
+            split = "train" if group <= train_per_class else "test"
+            lines[split].append(f"{rel} {label}" if split == "train" else rel)
+    os.makedirs(os.path.join(root, "splits"), exist_ok=True)
+    for name, rows in (("classInd.txt", [f"{k} {c}" for k, c in enumerate(GPU_CLASSES, 1)]),
+                       ("trainlist01.txt", lines["train"]), ("testlist01.txt", lines["test"])):
+        with open(os.path.join(root, "splits", name), "w") as f:
+            f.write("\n".join(rows) + "\n")
+    return ["--dataset", "ucf101", "--root", os.path.join(root, "videos"), "--split-dir", os.path.join(root, "splits")]
+
+
+def _gpu_views(video: str, device: str, size: int = 224, clip_len: int = 16, samples: int = 4) -> dict[str, float]:
+    """The same draws through the CPU path (OpenCV flow) and the device path (farneback_torch):
+    the views' max and mean difference (normalised units), and the flows' end-point error (px)."""
+    import numpy as np
+    import torch
+
+    import augment
+    import data
+
+    files = data.VideoFiles([data.VideoRecord(video, 0)], data.short_side_for(size))
+    triplet, out = augment.DSMTriplet(size), {}
+    clips = [files.read(0, lambda n, i=i: [(2 * i + 4 * t) % n for t in range(clip_len)]) for i in range(2 * samples)]
+    pairs = [(clips[2 * i], clips[2 * i + 1]) for i in range(samples)]
+    cpu = torch.stack([triplet(c, s, np.random.default_rng(i)) for i, (c, s) in enumerate(pairs)])
+    batch = augment.collate_frames([{"views": augment.FramesAndDraws(triplet)(c, s, np.random.default_rng(i)),
+                                     "index": i} for i, (c, s) in enumerate(pairs)])
+    dev = triplet.apply_batch(batch["views"]["frames"], batch["views"]["draws"], device).cpu()
+    for name, views in (("a_p", slice(0, 2)), ("n", slice(2, 3))):
+        diff = (dev[:, views] - cpu[:, views]).abs()
+        out[f"views_{name}_max"], out[f"views_{name}_mean"] = float(diff.max()), float(diff.mean())
+    whole = augment.resize_crop(clips[0], (0, 0, *clips[0].shape[1:3]), size)  # (C, T, S, S) in [0, 1]
+    opencv = augment.farneback_flow(whole)  # (T-1, 2, S, S)
+    ours = augment.farneback_torch(augment.grey_levels(whole)[None].to(device), **augment.FARNEBACK)[0].cpu()
+    epe = (ours - opencv).norm(dim=1)
+    out.update(flow_px=float(opencv.norm(dim=1).mean()), epe_mean=float(epe.mean()), epe_max=float(epe.max()))
+    return out
+
+
+def _gpu_stage(command: list[str], out: str, log: str) -> dict:
+    """Run one stage script; its last log line (or results.json), wall time, or the error it ended with."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(command + ["--out", out], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True)
+    row = {"wall_s": time.perf_counter() - t0}
+    if proc.returncode != 0:
+        return {**row, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
+    with open(os.path.join(out, log)) as f:
+        record = json.loads(f.read().strip().splitlines()[-1]) if log.endswith(".jsonl") else json.load(f)
+    return {**row, **{k: v for k, v in record.items() if k != "args"}}
+
+
+def _gpu_commands(layout: list[str], workers: int, out: str, paper: list[str] = GPU_PAPER,
+                  queue: int = 32) -> dict[str, tuple]:
+    """Every run of the GPU check: row name -> (command, run folder, the file its figures are read from).
+    The queue must be shorter than the training set (96 videos: 12 steps an epoch)."""
+    pretrain = [sys.executable, "pretrain.py", *layout, *paper, "--moco-k", str(queue), "--epochs", "2",
+                "--bn-splits", "1", "--knn-every", "0", "--workers", str(workers)]
+    settings = {"fp32": [], "fp32 channels-last": ["--channels-last"], "amp": ["--amp"],
+                "amp channels-last": ["--amp", "--channels-last"],
+                "amp channels-last, b/s/t on CPU": ["--amp", "--channels-last", "--augment-device", "cpu"]}
+    runs = {f"pretrain {name}": (pretrain + flags, os.path.join(out, f"pretrain{k}"), "log.jsonl")
+            for k, (name, flags) in enumerate(settings.items())}
+    runs["torchrun 1 process (NCCL), amp"] = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533", *pretrain[1:],
+         "--amp", "--epochs", "1"], os.path.join(out, "torchrun"), "log.jsonl")
+    downstream = [*layout, *paper, "--amp", "--channels-last", "--workers", str(workers),
+                  f"--pretrained={os.path.join(out, 'pretrain3', 'checkpoint.pth')}"]  # amp channels-last
+    runs["finetune --amp, 1 epoch"] = ([sys.executable, "finetune.py", *downstream, "--epochs", "1"],
+                                       os.path.join(out, "finetune"), "log.jsonl")
+    runs["retrieve --amp"] = ([sys.executable, "retrieve.py", *downstream], os.path.join(out, "retrieve"),
+                              "results.json")
+    return runs
+
+
+def bench_gpu(args: argparse.Namespace) -> None:
+    """The CUDA paths on this machine's GPU, one command (about 5 minutes on an H200): device,
+    the device path's views against the CPU path's, Farneback on the GPU against OpenCV,
+    pretrain.py at the paper's setting (i3d, 224, 16 x 4, batch 8: one GPU's share of the paper's
+    128 over 16) for fp32 / --amp, --channels-last off / on, b/s/t on the GPU / in the workers,
+    torchrun with NCCL, one epoch of finetune.py --amp and retrieve.py --amp. Prints the table,
+    writes OUT/gpu.json after every row. "GPU share" is the step time not spent waiting for data.
+
+        python bench.py gpu [--out runs/gpu]
+    """
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="bench.py gpu")
+    parser.add_argument("--out", default="runs/gpu", help="folder of gpu.json and the runs (default: runs/gpu)")
+    opts = parser.parse_args(args.rest)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu: no CUDA GPU on this machine (torch.cuda.is_available() is False)")
+    os.makedirs(opts.out, exist_ok=True)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+              "native_bf16": torch.cuda.is_bf16_supported(including_emulation=False)}
+    save = lambda: json.dump(report, open(os.path.join(opts.out, "gpu.json"), "w"), indent=2)
+    print(" | ".join(f"{k} {v}" for k, v in report.items()), flush=True)
+    workers = max(1, len(os.sched_getaffinity(0)) - 1)
+    with tempfile.TemporaryDirectory() as root:
+        layout = _gpu_videos(root, train_per_class=48, test_per_class=4)
+        report["views"] = _gpu_views(os.path.join(root, "source.mp4"), "cuda")
+        print(" | ".join(f"{k} {v:.2e}" for k, v in report["views"].items()), flush=True)
+        save()
+        print(f"{'run (' + str(workers) + ' workers)':<42} {'samples/s':>10} {'data wait':>9} {'GPU share':>9} "
+              f"{'peak GiB':>8} {'wall s':>7}", flush=True)
+        for name, (command, out, log) in _gpu_commands(layout, workers, opts.out).items():
+            report[name] = _gpu_stage(command, out, log)
+            _gpu_print(name, report[name])
+            save()
+    print(f"-> {os.path.join(opts.out, 'gpu.json')}")
+
+
+def _gpu_print(name: str, row: dict) -> None:
+    """One row: triplets/s (pretrain) or clips/s (finetune), data wait and GPU share, peak memory, wall time."""
+    per_s = row.get("clips_per_s")
+    if "error" in row:
+        print(f"{name:<42} FAILED after {row['wall_s']:.0f} s: {row['error']}", flush=True)
+        return
+    wait = row.get("data_wait")
+    cells = [f"{per_s:10.1f}" if per_s else f"{'':>10}", f"{wait:9.0%}" if wait is not None else f"{'':>9}",
+             f"{1 - wait:9.0%}" if wait is not None else f"{'':>9}",
+             f"{row['peak_gpu_gib']:8.2f}" if "peak_gpu_gib" in row else f"{'':>8}", f"{row['wall_s']:7.0f}"]
+    print(f"{name:<42} {' '.join(cells)}", flush=True)
+
+
+BENCHES["gpu"] = bench_gpu
+OWN_FLAGS.add("gpu")
 
 
 def main() -> None:

@@ -9,20 +9,26 @@ Implements the input side of the paper's Methodology and Implementation Details:
   * the split files of UCF101, HMDB51, Kinetics-400 and plain lists, as distributed;
   * PyAV decoding that opens a file once and decodes only up to the frames a sample needs;
   * the built-in synthetic scene/motion dataset: the classes are motions,
-    the scenes are backgrounds that agree with the class only in the training split.
+    the scenes are backgrounds that agree with the class only in the training split;
+  * `prepare`: a dataset re-encoded once at the short side training decodes at, with a keyframe
+    every 16 frames, so that each sample decodes few, small frames (README, "Speed").
 
 Augmentation comes after this stage (augment.py): ClipDataset takes it as a callable
 `transform(clip, shifted, rng)` on uint8 `(T, H, W, 3)` arrays.
 
     python data.py make-synthetic OUT      # the synthetic dataset as UCF101-style files
     python data.py make-synthetic --help   # sizes, seed, scene bias
+    python data.py prepare SRC DST --short-side 256   # re-encode a dataset once: smaller, keyframe every 16
+    python data.py prepare --help          # keyframe interval, workers; then train with --root DST
 """
 import argparse
 import csv
+import json
 import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -668,6 +674,213 @@ class ClipDataset(torch.utils.data.Dataset):
         return torch.stack([self.transform(clip, None, rng) for clip in clips])
 
 
+# ---- prepare: re-encode a dataset once, so that every epoch decodes less -----------------
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
+# The container written for each extension; file names never change, so split files and CSVs apply
+# to the prepared tree as they are. Where the extension's own container cannot carry H.264 with exact
+# time stamps the file holds MP4, which FFmpeg-based readers (PyAV, torchvision, decord, OpenCV) find
+# by its content: FFmpeg's AVI demuxer dates every H.264 frame one frame late (pts = dts + 1, which
+# would shift every frame index data.py computes), WebM allows only VP8/VP9/AV1, and the MPEG-PS muxer
+# (.mpg, .mpeg) loses the time stamps.
+PREPARE_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # others: mp4
+PART_SUFFIX = ".partial"  # not a video extension: a rerun never takes a half-written file for a done one
+PREPARE_REPORT = "prepare_report.json"
+# x264's speed/quality: CRF 18 is close to transparent, so training sees the source's content; at short
+# side 256 the veryfast encode costs less than decoding a 720p source.
+X264_PRESET, X264_CRF = "veryfast", "18"
+
+
+def _encoder(keyframe_every: int, threads: int) -> tuple[str, dict[str, str]]:
+    """The encoder and its options, keyframes exactly every keyframe_every frames: libx264 (PyAV's
+    wheels bundle it; scenecut=0, or x264 adds keyframes at cuts), else what this build of FFmpeg has."""
+    if "libx264" in av.codecs_available:
+        params = f"keyint={keyframe_every}:min-keyint={keyframe_every}:scenecut=0"
+        return "libx264", {"preset": X264_PRESET, "crf": X264_CRF, "threads": str(threads), "x264-params": params}
+    if "libopenh264" in av.codecs_available:
+        return "libopenh264", {"threads": str(threads)}  # keyframes from gop_size alone
+    return "mpeg4", {"threads": str(threads), "sc_threshold": "1000000000", "qmin": "3", "qmax": "3"}
+
+
+def prepared_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at short_side (even), aspect kept, both sides even (yuv420p
+    halves both for the colour planes). A video already at or below short_side keeps its size, less an
+    odd last row or column: upscaling adds decode work and no detail."""
+    short, long = min(width, height), max(width, height)
+    if short <= short_side:
+        return width - width % 2, height - height % 2
+    long = 2 * round(long * short_side / short / 2)
+    return (long, short_side) if width >= height else (short_side, long)
+
+
+def _encode_frames(frames, out: av.container.OutputContainer, rate: Fraction, short_side: int,
+                   keyframe_every: int, threads: int) -> int:
+    """Resize and encode `frames` into `out`, numbered 0, 1, ... at `rate`; returns how many."""
+    stream, count = None, 0
+    for count, frame in enumerate(frames, 1):
+        if stream is None:  # the size comes from the first frame: some headers have none
+            codec, options = _encoder(keyframe_every, threads)
+            stream = out.add_stream(codec, rate=rate, options=options)
+            stream.width, stream.height = prepared_size(frame.width, frame.height, short_side)
+            stream.pix_fmt, stream.codec_context.gop_size = "yuv420p", keyframe_every
+        image = frame.reformat(stream.width, stream.height, "yuv420p", interpolation="AREA")
+        # Renumbered frames: a source with gaps in its time stamps comes out at a constant rate,
+        # frame k being the k-th decoded frame.
+        image.pts, image.time_base = count - 1, 1 / rate
+        image.pict_type = av.video.frame.PictureType.NONE  # x264 would make the source's I-frames keyframes
+        out.mux(stream.encode(image))
+    if stream is not None:
+        out.mux(stream.encode())
+    return count
+
+
+def _transcode(src: str, part: str, container: str, short_side: int, keyframe_every: int, threads: int) -> int:
+    """Re-encode src's first video stream into part (audio is dropped); its frame count. BadVideo for
+    a source without frames, a frame rate, or with fewer frames than its header promises (truncated)."""
+    with av.open(src, metadata_errors="ignore") as source:
+        if not source.streams.video:
+            raise BadVideo(f"{src}: no video stream")
+        stream = source.streams.video[0]
+        stream.thread_type, stream.codec_context.thread_count = "AUTO", threads
+        rate = _frame_rate(stream)
+        if not rate:
+            raise BadVideo(f"{src}: no frame rate in its header")
+        expected = _count_frames(source, stream)
+        with av.open(part, "w", format=container) as out:
+            count = _encode_frames(source.decode(stream), out, rate, short_side, keyframe_every, threads)
+            if count == 0 or count < expected - END_SLACK:
+                raise BadVideo(f"{src}: truncated, {count} of the {expected} frames in its header decode")
+    return count
+
+
+def prepare_video(src: str, dst: str, short_side: int, keyframe_every: int = 16, threads: int = 1) -> int:
+    """Re-encode one video to H.264 at dst (see `prepare`); returns its frame count. It is written to
+    dst + PART_SUFFIX and renamed when complete, so a killed run never leaves a partial file under the
+    final name. BadVideo names what is wrong with src; an error writing dst (a full disk) is raised."""
+    if os.path.getsize(src) == 0:
+        raise BadVideo(f"{src}: zero bytes")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    part = dst + PART_SUFFIX
+    container = PREPARE_CONTAINERS.get(os.path.splitext(dst)[1].lower(), "mp4")
+    try:
+        count = _transcode(src, part, container, short_side, keyframe_every, threads)
+        os.replace(part, dst)
+        return count
+    except av.FFmpegError as error:
+        if getattr(error, "filename", None) == part:
+            raise
+        raise BadVideo(f"{src}: not a video or damaged ({error})") from error
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
+def _prepare_job(job: tuple[str, str, str, int, int, int]) -> tuple[str, str | None]:
+    """(rel, None) when the video is done, (rel, reason) when it is bad; runs in a worker process."""
+    rel, src, dst, short_side, keyframe_every, threads = job
+    try:
+        prepare_video(src, dst, short_side, keyframe_every, threads)
+        return rel, None
+    except BadVideo as error:
+        return rel, str(error).removeprefix(f"{src}: ")
+
+
+def _run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, str]]:
+    """Run the jobs on `workers` processes (in this one for 1) under a progress bar; the failures."""
+    failed = []
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
+    try:
+        if pool is None:
+            results = map(_prepare_job, jobs)
+        else:
+            results = (future.result() for future in as_completed([pool.submit(_prepare_job, j) for j in jobs]))
+        for rel, reason in tqdm(results, total=len(jobs), desc="prepare", unit="video", smoothing=0.05):
+            if reason is not None:
+                failed.append({"path": rel, "reason": reason})
+                tqdm.write(f"skipping bad video {rel}: {reason}")
+    finally:
+        if pool is not None:  # Ctrl-C: stop at once, not after every queued video
+            pool.shutdown(wait=False, cancel_futures=True)
+    return sorted(failed, key=lambda entry: entry["path"])
+
+
+def _check_folders(src: str, dst: str) -> tuple[str, str]:
+    """Real paths of SRC and DST; exits unless SRC is a folder and neither holds the other (nothing
+    under SRC may ever be written)."""
+    src, dst = os.path.realpath(src), os.path.realpath(dst)
+    if not os.path.isdir(src):
+        raise SystemExit(f"prepare: SRC {src} is not a folder")
+    if os.path.commonpath([src, dst]) in (src, dst):
+        raise SystemExit(f"prepare: DST {dst} and SRC {src} must not be or hold one another: "
+                         f"choose a DST outside SRC")
+    return src, dst
+
+
+def find_videos(root: str) -> list[str]:
+    """Relative paths of the files under root with a video extension (any case), sorted."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        found += [os.path.relpath(os.path.join(folder, name), root) for name in sorted(files)
+                  if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS]
+    return found
+
+
+def _write_report(dst: str, report: dict) -> None:
+    _write_text(os.path.join(dst, PREPARE_REPORT), json.dumps(report, indent=1).splitlines())
+
+
+def _check_settings(dst: str, settings: dict) -> None:
+    """Exit if DST holds videos prepared with other settings: a rerun must not mix sizes."""
+    path = os.path.join(dst, PREPARE_REPORT)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+        before = {key: report.get(key) for key in settings}
+        if before != settings:
+            raise SystemExit(f"prepare: {dst} was prepared with {before}, not {settings}: use another DST")
+
+
+def _remove_partials(dst: str, todo: list[str]) -> int:
+    """Remove the half-written files a killed run left for the videos still to do; how many."""
+    stale = [path for path in (os.path.join(dst, rel) + PART_SUFFIX for rel in todo) if os.path.exists(path)]
+    for path in stale:
+        os.remove(path)
+    return len(stale)
+
+
+def prepare(src: str, dst: str, short_side: int, keyframe_every: int = 16, workers: int | None = None) -> dict:
+    """Re-encode every video under src into dst at the same relative path and name: H.264 (libx264)
+    at short side `short_side`, a keyframe every `keyframe_every` frames, the same frame rate and
+    frames, yuv420p, no audio (containers: PREPARE_CONTAINERS; an .avi holds MP4). A video already at
+    or below `short_side` is not upscaled but still re-encoded, at its own size, so that its seeks too
+    land within keyframe_every frames. Existing outputs are skipped, so a rerun resumes; bad videos are
+    named on the console and in DST/prepare_report.json, which this returns."""
+    src, dst = _check_folders(src, dst)
+    videos = find_videos(src)
+    if not videos:
+        raise SystemExit(f"prepare: no videos ({' '.join(VIDEO_EXTENSIONS)}) under {src}")
+    settings = {"short_side": short_side, "keyframe_every": keyframe_every, "encoder": _encoder(keyframe_every, 1)[0]}
+    os.makedirs(dst, exist_ok=True)
+    _check_settings(dst, settings)
+    _write_report(dst, {"source": src, **settings, "finished": False})  # settings first: a killed run keeps them
+    todo = [rel for rel in videos if not os.path.exists(os.path.join(dst, rel))]
+    stale = _remove_partials(dst, todo)
+    workers = workers or len(os.sched_getaffinity(0))
+    print(f"prepare: {len(videos)} videos under {src}; {len(videos) - len(todo)} already in {dst}, skipped; "
+          f"{len(todo)} to encode with {settings['encoder']} on {workers} workers"
+          + (f"; removed {stale} partial files of a killed run" if stale else ""))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    failed = _run_jobs([(rel, os.path.join(src, rel), os.path.join(dst, rel), short_side, keyframe_every, threads)
+                        for rel in todo], workers)
+    report = {"source": src, **settings, "finished": True, "done": len(todo) - len(failed),
+              "skipped_existing": len(videos) - len(todo), "failed": failed}
+    _write_report(dst, report)
+    print(f"prepare: {report['done']} done, {report['skipped_existing']} skipped (already there), "
+          f"{len(failed)} failed" + (f" (listed in {os.path.join(dst, PREPARE_REPORT)})" if failed else ""))
+    return report
+
+
 # ---- command line -------------------------------------------------------------------------
 
 # Clip geometry when --size/--clip-len/--stride are not given: the paper's 16 x 4 frames at 224
@@ -750,10 +963,29 @@ def main(argv: list[str] | None = None) -> None:
     make.add_argument("--scene-bias", type=float, default=0.8,
                       help="training videos whose scene is their class's own (default: 0.8)")
     make.add_argument("--short-side", type=int, default=128, help="frame side in pixels (default: 128)")
+    _add_prepare_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "prepare":
+        if args.short_side < 2 or args.short_side % 2 or args.keyframe_every < 1 or (args.workers or 1) < 1:
+            parser.error("need an even --short-side >= 2, --keyframe-every >= 1, --workers >= 1")
+        prepare(args.src, args.dst, args.short_side, args.keyframe_every, args.workers)
+        return
     if args.num_train < 1 or args.num_test < 1 or not 0 <= args.scene_bias <= 1 or args.short_side < 8:
         parser.error("need --num-train, --num-test >= 1, 0 <= --scene-bias <= 1, --short-side >= 8")
     make_synthetic(args.out, args.num_train, args.num_test, args.seed, args.scene_bias, args.short_side)
+
+
+def _add_prepare_parser(commands) -> None:
+    prep = commands.add_parser("prepare", help="re-encode a dataset once at training size, keyframes every K frames",
+                               description=prepare.__doc__)
+    prep.add_argument("src", help="folder of the original videos (never written)")
+    prep.add_argument("dst", help="output folder, outside SRC: the same relative paths and file names")
+    prep.add_argument("--short-side", type=int, required=True,
+                      help="short side of the output in pixels, even (no default; 256 for crops of 224, "
+                           "128 for 112); videos already at or below it keep their size")
+    prep.add_argument("--keyframe-every", type=int, default=16, help="frames between keyframes (default: 16)")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="worker processes (default: every core this process may use)")
 
 
 if __name__ == "__main__":

@@ -344,7 +344,7 @@ def run_split(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(loader.dataset)} training videos "
                          f"({world} ranks): pass a smaller --batch-size")
     classes = class_names(args, [train_source, test_source])
-    model = build_model(args, len(classes)).to(device)
+    model = pretrain.place(build_model(args, len(classes)), args, device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=pretrain.amp_dtype_for(args, device) == torch.float16)
@@ -362,7 +362,7 @@ def run_split(args: argparse.Namespace, rank: int, world: int, device: torch.dev
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
             print(json.dumps(record))
             pretrain.log_epoch(args.out, record)
-            pretrain.save_resumable(args.out, model, optimizer, scaler, args, epoch + 1)
+        pretrain.save_resumable(args.out, model, optimizer, scaler, args, epoch + 1)
     results = evaluate(model, test_source, classes, args, rank, world, device)
     if args.eval_train:
         train = evaluate(model, train_source, classes, args, rank, world, device)

@@ -19,6 +19,7 @@ Run:
         --arch i3d --size 224 --batch-size 128 --amp --out runs/k400_i3d
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -61,8 +62,12 @@ def setup_distributed(workers: int = 0) -> tuple[int, int, torch.device]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
+                             "start at most that many processes per node (torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed clip sizes: cuDNN times its kernels once and keeps the fastest
     else:
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:
@@ -82,8 +87,9 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0 (no gradient flows back)."""
     if world_size() == 1:
         return x
-    gathered = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(gathered, x.contiguous())
+    x = x.contiguous()  # NCCL may stage the gather with the receive buffers' strides (pytorch#163712)
+    gathered = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world_size())]
+    dist.all_gather(gathered, x)
     return torch.cat(gathered)
 
 
@@ -223,15 +229,19 @@ def contrastive_logits(z_a: torch.Tensor, z_p: torch.Tensor, z_n: torch.Tensor |
     """Logits of Eq. 7, the positive at index 0: [z_a.z_p, z_a.z_n, z_a.queue] / tau, (B, 2 + K).
 
     own (B, K): queue keys of the anchor's own video, left out of the denominator (logit -inf).
+    All in float32: under autocast the matmul z_a @ queue alone would run in bf16 or fp16.
     """
+    z_a, z_p, queue = z_a.float(), z_p.float(), queue.float()
     l_pos = (z_a * z_p).sum(1, keepdim=True)  # (B, 1)  z_a . z_p
-    l_queue = z_a @ queue  # (B, K)  z_a . k for the K keys of other videos
+    device = z_a.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
+        l_queue = z_a @ queue  # (B, K)  z_a . k for the K keys of other videos
     if own is not None:
         l_queue = l_queue.masked_fill(own, float("-inf"))
     l_neg = [l_queue]
     if z_n is not None:
-        l_neg.insert(0, (z_a * z_n).sum(1, keepdim=True))  # (B, 1)  z_a . z_n, the intra-video negative
-    return torch.cat([l_pos, *l_neg], dim=1) / tau
+        l_neg.insert(0, (z_a * z_n.float()).sum(1, keepdim=True))  # (B, 1)  z_a . z_n, the intra-video negative
+    return torch.cat([l_pos, *l_neg], dim=1) / tau  # Eq. 7's logits
 
 
 def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float, triplet_weight: float) -> dict[str, torch.Tensor]:
@@ -340,6 +350,12 @@ def as_input(x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if args.channels_last else x
 
 
+def place(model: nn.Module, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The model on its device, its 5-d weights channels_last_3d with --channels-last: inputs alone
+    in that format would make cuDNN convert at every layer."""
+    return model.to(device, memory_format=torch.channels_last_3d if args.channels_last else torch.preserve_format)
+
+
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, args: argparse.Namespace, epoch: int,
                     device: torch.device) -> dict[str, float]:
@@ -371,15 +387,17 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     bar.close()
     elapsed = time.perf_counter() - t_start
     skipped = int(concat_all_gather(torch.tensor([skipped], device=device)).sum())
+    memory = {"peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30} if device.type == "cuda" else {}
     return {**{k: float(v) / len(loader) for k, v in sums.items()}, "clips_per_s": seen / elapsed,
-            "data_wait": wait / elapsed, "skipped_videos": skipped}
+            "data_wait": wait / elapsed, "skipped_videos": skipped, **memory}
 
 
 def amp_dtype_for(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
-    """--amp: bfloat16 where the GPU supports it (no loss scaling needed), else float16. CPU stays float32."""
+    """--amp: bfloat16 where the GPU computes it natively (Ampere and newer; no loss scaling needed), else
+    float16 with loss scaling: V100, T4 and RTX 20xx only emulate bf16, and slowly. CPU stays float32."""
     if not args.amp or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def is_main() -> bool:
@@ -450,22 +468,42 @@ def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, d
 
 def save_resumable(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    args: argparse.Namespace, epoch: int) -> None:
-    """Everything a killed run needs to end where an uninterrupted one would: model,
-    momentum encoder, queue, optimiser, scaler, epoch and RNG state."""
-    models.save_checkpoint({
-        "arch": args.arch, "epoch": epoch, "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "args": vars(args),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }, os.path.join(out, "checkpoint.pth"))
+    """Everything a killed run needs to end where an uninterrupted one would: model, momentum
+    encoder, queue, optimiser, scaler, epoch and every rank's RNG state. Call it on every rank
+    (the RNG states are gathered); rank 0 alone writes."""
+    rng = rng_states()
+    if is_main():
+        models.save_checkpoint({"arch": args.arch, "epoch": epoch, "state_dict": model.state_dict(),
+                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                "args": vars(args), **rng}, os.path.join(out, "checkpoint.pth"))
+
+
+def rng_states() -> dict[str, list[torch.Tensor]]:
+    """Each rank's CPU and GPU generator state, as lists indexed by rank (rank 0 saves them all)."""
+    cuda = torch.cuda.is_available()
+    own = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if cuda else [])
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    every = [list(concat_all_gather(state.to(device)[None]).cpu()) for state in own]  # NCCL moves CUDA tensors only
+    return {"rng_cpu": every[0], "rng_cuda": every[1] if cuda else []}
+
+
+def restore_rng(state: dict) -> None:
+    """Give this rank its own generator states back. On another number of ranks, rank r takes rank
+    r mod (ranks saved): the run goes on, no longer bit for bit the uninterrupted one."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cpu = state["rng_cpu"] if isinstance(state["rng_cpu"], list) else [state["rng_cpu"]]
+    torch.set_rng_state(cpu[rank % len(cpu)])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng_cuda"][rank % len(state["rng_cuda"])])
 
 
 def save_state(out: str, model: DSM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                args: argparse.Namespace, epoch: int) -> None:
     """OUT/checkpoint.pth (f_q, f_k, queue, queue_ptr, optimiser, RNG) and OUT/backbone.pth (f_q's backbone)."""
     save_resumable(out, model, optimizer, scaler, args, epoch)
-    models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
-                           os.path.join(out, "backbone.pth"))
+    if is_main():
+        models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
+                               os.path.join(out, "backbone.pth"))
 
 
 def resume(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -481,10 +519,9 @@ def resume(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler:
         raise ValueError(f"{path} holds a {state['arch']} model, but --arch is {arch}")
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if state["scaler"] and scaler.is_enabled():  # empty when written without loss scaling (fp32, bf16, CPU)
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state)
     truncate_log(os.path.join(out, "log.jsonl"), state["epoch"])
     if is_main():
         print(f"resumed from {path} after epoch {state['epoch']}")
@@ -664,7 +701,8 @@ def main(argv: list[str] | None = None) -> None:
                  queue=f"K {args.moco_k}, tau {args.moco_t}" if args.loss != "triplet" else "none",
                  schedule=f"{args.epochs} epochs, {args.optimizer} lr {args.lr}")
     model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
-                args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on", args.n_batch).to(device)
+                args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on", args.n_batch)
+    model = place(model, args, device)
     optimizer = make_optimizer(model.encoder_q.parameters(), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(args, device) == torch.float16)
     if is_main():
@@ -688,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
             print(json.dumps(record))
             log_epoch(args.out, record)
-            save_state(args.out, model, optimizer, scaler, args, epoch + 1)
+        save_state(args.out, model, optimizer, scaler, args, epoch + 1)
     if world > 1:
         dist.destroy_process_group()
 

@@ -156,9 +156,18 @@ def cache_path(args: argparse.Namespace, train: bool) -> str:
 
 def split_features(backbone: nn.Module, args: argparse.Namespace, train: bool, rank: int, world: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """extract() of the train or test split, or the cache of an earlier run; the last value says which."""
+    """extract() of the train or test split, or the cache of an earlier run; the last value says which.
+
+    Rank 0 decides whether the cache is there and tells the others (with a node-local --out they
+    could disagree and hang); the ranks that do not read it return empty tensors, as extract does.
+    """
     path = cache_path(args, train)
-    if os.path.exists(path):
+    hit = [os.path.exists(path) if is_main() else None]
+    if world > 1:
+        dist.broadcast_object_list(hit, src=0)
+    if hit[0]:
+        if not is_main():
+            return torch.empty(0), torch.empty(0, dtype=torch.long), 0, True
         with np.load(path) as cached:
             return torch.from_numpy(cached["features"]), torch.from_numpy(cached["labels"]), int(cached["skipped"]), True
     source = data.build_source(args, train=train)
@@ -171,6 +180,8 @@ def split_features(backbone: nn.Module, args: argparse.Namespace, train: bool, r
         with open(path + ".tmp", "wb") as f:  # atomic: a killed run leaves no half-written cache
             np.savez(f, features=feats.numpy(), labels=labels.numpy(), skipped=skipped)
         os.replace(path + ".tmp", path)
+    if world > 1:  # the others wait here, not inside the next split's all_gather, while rank 0 writes
+        dist.barrier()
     return feats, labels, skipped, False
 
 
@@ -219,9 +230,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                           level="clip" if args.clip_level else "video")
     torch.manual_seed(args.seed)  # --pretrained none: the random init is a function of the seed
     if args.pretrained == "none":
-        backbone = models.build_backbone(args.arch).to(device)
+        backbone = models.build_backbone(args.arch)
     else:
-        backbone = models.load_backbone(args.pretrained, args.arch).to(device)
+        backbone = models.load_backbone(args.pretrained, args.arch)
+    backbone = pretrain.place(backbone, args, device)
     gallery, gallery_labels, train_skipped, train_cached = split_features(backbone, args, True, rank, world, device)
     query, query_labels, test_skipped, test_cached = split_features(backbone, args, False, rank, world, device)
     if world > 1:

@@ -30,6 +30,27 @@ import models
 import pretrain
 
 
+# Subprocesses run on the CPU: gloo tests on a GPU machine would otherwise pick NCCL and one device per
+# rank, and the bit-identity tests would meet cuDNN's non-determinism.
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_cuda(request, monkeypatch):
+    """Every test sees a CPU-only machine, but those that ask for the `cuda` fixture."""
+    if "cuda" not in request.fixturenames:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    """The GPU for the tests that need one; they skip on a machine without."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
+
+
 def free_port() -> int:
     """A TCP port no process listens on now, so parallel or repeated runs never clash on a fixed one."""
     with socket.socket() as s:
@@ -1188,8 +1209,7 @@ def test_pretrain_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch
 
 
 def run_pretrain(args, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "pretrain.py", *args], env=env, cwd=os.path.dirname(__file__),
+    return subprocess.Popen([sys.executable, "pretrain.py", *args], env=CPU_ENV, cwd=os.path.dirname(__file__),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -1228,7 +1248,7 @@ def test_pretrain_two_process_torchrun_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "pretrain.py", *TINY, "--epochs", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=CPU_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(records) == 1 and math.isfinite(records[0]["loss"])  # rank 0 alone writes
@@ -1292,8 +1312,10 @@ def _pretrain_two_rank_worker(rank: int, world: int, port: int, out: str) -> Non
         shuffled, idx_unshuffle = pretrain.batch_shuffle(x)
         back = pretrain.batch_unshuffle(2 * shuffled + 1, idx_unshuffle)  # outputs computed on the rank it was dealt to
         model.enqueue(torch.full((4, 4), float(rank + 1)), torch.arange(4) + 10 * rank)
+        torch.manual_seed(20 + rank)
         torch.save({"x": x, "shuffled": shuffled, "back": back, "queue": model.queue, "queue_video": model.queue_video,
-                    "queue_ptr": model.queue_ptr}, os.path.join(out, f"rank{rank}.pt"))
+                    "queue_ptr": model.queue_ptr, "rng": torch.get_rng_state(),
+                    "rng_saved": pretrain.rng_states()["rng_cpu"]}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -1311,6 +1333,7 @@ def test_pretrain_shuffle_bn_and_queue_over_two_gloo_ranks(tmp_path):
     expected = torch.cat([torch.ones(4, 4), torch.full((4, 4), 2.0)], dim=1)  # rank 0's keys, then rank 1's
     assert torch.equal(ranks[0]["queue"][:, :8], expected) and int(ranks[0]["queue_ptr"]) == 8
     assert ranks[0]["queue_video"].tolist() == [0, 1, 2, 3, 10, 11, 12, 13, -1, -1, -1, -1]
+    assert all(torch.equal(ranks[0]["rng_saved"][r], ranks[r]["rng"]) for r in range(2))  # each rank's own RNG state
 
 
 # ---- finetune.py / retrieve.py ---------------------------------------------
@@ -1511,7 +1534,7 @@ def test_finetune_and_retrieve_two_process_torchrun_match_one_process(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                script, *script_args, "--out", str(tmp_path / f"{name}2")]
         proc = subprocess.run(cmd, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env=CPU_ENV)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         two = _finetune_results(tmp_path / f"{name}2")
         keys = ("video_top1", "clip_top1", "per_class_top1", "num_videos") if name == "ft" else ("recall@1", "recall@5")
@@ -1546,6 +1569,219 @@ def test_finetune_paper_defaults(tmp_path):
     assert (args.size, args.clip_len, args.stride, args.test_clips, args.arch) == (224, 16, 4, 10, "i3d")
     assert [finetune.learning_rate(args, e) for e in (0, 9, 10, 19, 20, 44)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 1e-5])  # x0.1 every 10 epochs
+
+
+# ---- the CUDA paths, checked from the CPU (and on a GPU where there is one) ------------
+import pickle
+
+
+def test_cuda_amp_picks_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    """V100, T4, RTX 20xx emulate bf16 (slowly): they get fp16 with loss scaling."""
+    args, gpu = argparse.Namespace(amp=True), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert pretrain.amp_dtype_for(args, gpu) == torch.float16  # emulated only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert pretrain.amp_dtype_for(args, gpu) == torch.bfloat16  # native (Ampere and newer)
+    assert pretrain.amp_dtype_for(args, torch.device("cpu")) is None
+    assert pretrain.amp_dtype_for(argparse.Namespace(amp=False), gpu) is None
+
+
+def test_cuda_tests_hide_the_gpus_and_ranks_beyond_the_gpus_stop_clearly(monkeypatch):
+    assert CPU_ENV["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) on a node without it"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match="local rank 1 has no GPU"):
+        pretrain.setup_distributed()
+
+
+def test_cuda_setup_turns_on_cudnn_benchmark(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert pretrain.setup_distributed()[2] == torch.device("cuda", 0)
+    assert torch.backends.cudnn.benchmark
+
+
+def test_cuda_gather_sends_and_receives_contiguous_tensors(monkeypatch):
+    """NCCL may stage a gather with the receive buffers' strides: all of them must be contiguous."""
+    def all_gather(out, x):
+        assert x.is_contiguous() and all(o.is_contiguous() for o in out)
+        for r, o in enumerate(out):
+            o.copy_(x + r)
+    monkeypatch.setattr(pretrain, "world_size", lambda: 2)
+    monkeypatch.setattr(pretrain.dist, "all_gather", all_gather)
+    x = torch.randn(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)  # what --channels-last gives
+    assert torch.equal(pretrain.concat_all_gather(x), torch.cat([x, x + 1]))
+
+
+def _cuda_checkpoint(tmp_path, enabled: bool) -> tuple:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+    return model, optimizer, scaler, argparse.Namespace(arch="mini")
+
+
+@pytest.mark.parametrize("saved, loaded", [(False, True), (True, False)])
+def test_cuda_resume_across_precisions(tmp_path, saved, loaded):
+    """A checkpoint without loss scaling (fp32, bf16, CPU) resumes with fp16's GradScaler and back."""
+    model, optimizer, scaler, args = _cuda_checkpoint(tmp_path, saved)
+    if saved:
+        scaler.scale(torch.ones(()))
+        scaler.update(1024.0)  # a scale of its own
+    pretrain.save_resumable(str(tmp_path), model, optimizer, scaler, args, epoch=3)
+    model, optimizer, scaler, args = _cuda_checkpoint(tmp_path, loaded)
+    assert pretrain.resume(str(tmp_path), model, optimizer, scaler, "mini") == 3
+    assert scaler.is_enabled() == loaded
+
+
+def test_cuda_resume_on_fewer_gpus_restores_each_rank_its_own(tmp_path, monkeypatch):
+    model, optimizer, scaler, args = _cuda_checkpoint(tmp_path, False)
+    pretrain.save_resumable(str(tmp_path), model, optimizer, scaler, args, epoch=1)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert len(state["rng_cpu"]) == 1 and state["rng_cuda"] == []  # one rank, no GPU
+    states = [torch.full((16,), r, dtype=torch.uint8) for r in range(8)]  # what 8 GPU ranks saved
+    models.save_checkpoint({**state, "rng_cuda": states}, str(tmp_path / "checkpoint.pth"))
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(int(s[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("the states of all 8 GPUs"))
+    monkeypatch.setattr(pretrain.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(pretrain.dist, "get_rank", lambda: 3)  # rank 3 of a run on 4 GPUs
+    pretrain.resume(str(tmp_path), model, optimizer, scaler, "mini")
+    assert restored == [3]
+
+
+def test_cuda_farneback_runs_without_tf32(monkeypatch):
+    seen, conv2d = [], F.conv2d
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
+    monkeypatch.setattr(augment.F, "conv2d", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or conv2d(*a, **k))
+    augment.farneback_torch(torch.rand(1, 2, 40, 40) * 255)
+    assert seen and not any(seen) and torch.backends.cudnn.allow_tf32
+
+
+def test_cuda_eq7_logits_stay_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    z_a, z_p, z_n = (F.normalize(torch.randn(4, 16, generator=g), dim=1) for _ in range(3))
+    queue = F.normalize(torch.randn(16, 64, generator=g), dim=0)
+    exact = pretrain.contrastive_logits(z_a, z_p, z_n, queue, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, as CUDA autocast gives
+        mixed = pretrain.contrastive_logits(z_a, z_p, z_n, queue, 0.07)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, exact, atol=1e-6)
+
+
+def test_cuda_workers_receive_no_device_tensors():
+    triplet = augment.DSMTriplet(16)
+    triplet.s.grids(triplet.s.dst[None].to("meta"))  # the training process caches A on its device
+    assert "meta" in triplet.s._A_on
+    sent = pickle.loads(pickle.dumps(augment.FramesAndDraws(triplet)))  # what a spawned worker receives
+    assert sent.triplet.s._A_on == {}
+    assert torch.equal(sent.triplet.s.grid(triplet.s.dst), triplet.s.grid(triplet.s.dst))
+
+
+def test_cuda_device_path_and_forward_keep_to_the_device():
+    """On the meta device every CPU tensor that meets a device tensor raises: apply_batch, DSM.forward
+    and the losses must create theirs on the device."""
+    triplet = augment.DSMTriplet(24, flow_max=3.0)
+    to_device = augment.FramesAndDraws(triplet)
+    frames = lambda i: _augment_moving_rgb(4, 30, 40, dx=1 + i % 2, seed=i)
+    batch = augment.collate_frames([{"views": to_device(frames(i), frames(i + 4), np.random.default_rng(i)), "index": i}
+                                    for i in range(4)])
+    views = triplet.apply_batch(batch["views"]["frames"], batch["views"]["draws"], "meta")
+    assert views.device.type == "meta" and views.shape == (4, 3, 3, 4, 24, 24)
+    model = pretrain.DSM("mini", K=16, bn_splits=2).to("meta")
+    out = model(views[:, 0], views[:, 1], views[:, 2], torch.arange(4, device="meta"))
+    terms = pretrain.dsm_losses(out, "both", 0.5, 1.0)
+    terms["loss"].backward()
+    assert out["logits"].shape == (4, 18) and terms["loss"].device.type == "meta"
+
+
+def test_cuda_channels_last_converts_the_model():
+    args = argparse.Namespace(channels_last=True)
+    model = pretrain.place(models.Encoder("mini", 8), args, torch.device("cpu"))
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    assert not convs[0].is_contiguous()  # a 3x3x3 stem: the two formats differ
+
+
+def _cuda_retrieve_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0 sees a cached split, rank 1 (another node's --out) does not: both must take rank 0's word."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=__import__("datetime").timedelta(seconds=30))
+    try:
+        args = retrieve.parse_args([*TINY_DOWNSTREAM, "--pretrained", "none", "--out", out])
+        args.cache_dir = os.path.join(out, f"cache{rank}")
+        hit = retrieve.split_features(models.build_backbone("mini"), args, False, rank, world, torch.device("cpu"))[3]
+        torch.save({"hit": hit, "files": sorted(os.listdir(args.cache_dir)) if os.path.isdir(args.cache_dir) else []},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_cuda_retrieve_ranks_follow_rank_0_on_the_cache(tmp_path):
+    retrieve.main([*TINY_DOWNSTREAM, "--pretrained", "none", "--out", str(tmp_path), "--cache-dir",
+                   str(tmp_path / "cache0")])  # rank 0's node holds the test split's features
+    torch.multiprocessing.spawn(_cuda_retrieve_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["hit"] and ranks[1]["hit"] and ranks[1]["files"] == []
+
+
+def test_cuda_device_path_on_the_gpu_gives_the_cpu_views(cuda):
+    triplet = augment.DSMTriplet(32, flow_max=3.0)
+    to_device = augment.FramesAndDraws(triplet)
+    samples = [(_augment_moving_rgb(6, 40, 48, dx=2, seed=i), _augment_moving_rgb(6, 40, 48, dx=1, seed=i + 5))
+               for i in range(3)]
+    cpu = torch.stack([triplet(c, s, np.random.default_rng(i)) for i, (c, s) in enumerate(samples)])
+    batch = augment.collate_frames([{"views": to_device(c, s, np.random.default_rng(i)), "index": i}
+                                    for i, (c, s) in enumerate(samples)])
+    gpu = triplet.apply_batch(batch["views"]["frames"], batch["views"]["draws"], cuda).cpu()
+    assert torch.allclose(gpu[:, :2], cpu[:, :2], atol=1e-4)  # a, p
+    assert (gpu[:, 2] - cpu[:, 2]).abs().mean() < 1e-3  # n: Farneback in torch against OpenCV
+
+
+def test_cuda_one_amp_step(cuda):
+    args = argparse.Namespace(amp=True, channels_last=True, loss="both", margin=0.5, triplet_weight=1.0)
+    model = pretrain.place(pretrain.DSM("mini", K=32, bn_splits=2), args, cuda)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.01)
+    amp_dtype = pretrain.amp_dtype_for(args, cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    views = torch.randn(8, 3, 3, 4, 32, 32, device=cuda)
+    terms = pretrain.train_step(model, views, torch.arange(8, device=cuda), optimizer, scaler, args, amp_dtype)
+    assert amp_dtype in (torch.bfloat16, torch.float16) and math.isfinite(float(terms["loss"]))
+
+
+def test_bench_gpu_without_a_gpu_says_so_in_one_line():
+    proc = subprocess.run([sys.executable, "bench.py", "gpu"], cwd=os.path.dirname(__file__), capture_output=True,
+                          text=True, env=CPU_ENV, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "bench.py gpu: no CUDA GPU on this machine (torch.cuda.is_available() is False)"]
+
+
+def test_bench_gpu_runs_every_row_on_tiny_settings(tmp_path, monkeypatch):
+    """Each command of `bench.py gpu` (the CPU stands in for the GPU: --amp is then a no-op) on the
+    UCF101 layout it writes, so that the one GPU run is not where a flag or a layout fails."""
+    import bench
+
+    layout = bench._gpu_videos(str(tmp_path / "data"), train_per_class=8, test_per_class=2, frames=40,
+                               height=48, width=64)
+    views = bench._gpu_views(str(tmp_path / "data" / "source.mp4"), "cpu", size=32, clip_len=4, samples=2)
+    assert views["views_a_p_max"] < 1e-4 and views["epe_mean"] < 1e-3 < views["flow_px"]
+    tiny = ["--arch", "mini", "--size", "32", "--clip-len", "4", "--stride", "2", "--batch-size", "8"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the stage scripts run on the CPU
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runs = bench._gpu_commands(layout, 0, str(tmp_path / "runs"), paper=tiny, queue=8)
+    assert len(runs) == 8
+    for name, (command, _, _) in runs.items():  # every pretraining's flags parse; the rows differ only in them
+        if command[1] == "pretrain.py":
+            pretrain.parse_args(command[2:])
+    ran = ("pretrain amp channels-last", "torchrun 1 process (NCCL), amp", "finetune --amp, 1 epoch", "retrieve --amp")
+    rows = {name: bench._gpu_stage(*runs[name]) for name in ran}  # finetune and retrieve start from the first
+    failed = {name: row["error"] for name, row in rows.items() if "error" in row}
+    assert not failed, failed
+    assert all(rows[name]["clips_per_s"] > 0 for name in ran[:3]) and "recall@1" in rows["retrieve --amp"]
 
 
 # ---- visualize.py ----------------------------------------------------------
@@ -1688,3 +1924,154 @@ def test_bench_targets_name_every_seed_that_falls_short():
     assert "+15.0, +5.0" in by_target[("DSM", "MoCo baseline", "kNN motion")]
     assert by_target[("DSM", "MoCo baseline", "kNN motion")].endswith("MISSED on seed 2")
     assert by_target[("DSM", "supervised", "fine-tune top-1")].endswith("MISSED on seed 2")  # a missing run is no lead
+
+
+# ---- data.py prepare ----
+
+
+def _prepare_tree(src, names, **kwargs):
+    """Videos by `_data_write_video` (96x64, 5 fps, 40 frames, a keyframe every 25) at src/name."""
+    for name in names:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        _data_write_video(src / name, **{"width": 96, "height": 64, "gop": 25, **kwargs})
+
+
+def _prepare_probe(path):
+    """(container, codec, width, height, rate, frames decoded, keyframe indices, pix_fmt) of a video."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        keys = [frame.key_frame for frame in container.decode(stream)]
+        return (container.format.name, stream.codec_context.name, stream.width, stream.height, stream.average_rate,
+                len(keys), [i for i, key in enumerate(keys) if key], stream.pix_fmt)
+
+
+def _prepare_snapshot(root):
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_prepare_size_is_even_and_never_upscaled():
+    assert data.prepared_size(1280, 720, 256) == (456, 256)
+    assert data.prepared_size(720, 1280, 256) == (256, 456)
+    assert data.prepared_size(341, 256, 128) == (170, 128)
+    assert data.prepared_size(320, 240, 256) == (320, 240)  # at or below: its own size
+    assert data.prepared_size(321, 241, 256) == (320, 240)  # less an odd row and column, never more
+
+
+def test_prepare_output_size_frames_rate_and_keyframes(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _prepare_tree(src, ["A/v_A_g01_c01.avi"], num_frames=50)
+    _prepare_tree(src, ["B/portrait.MP4"], num_frames=45, width=64, height=96)  # the extension in any case
+    _prepare_tree(src, ["small.mkv"], width=40, height=30)  # below --short-side
+    data.main(["prepare", str(src), str(dst), "--short-side", "48", "--keyframe-every", "8", "--workers", "1"])
+    expected = {"A/v_A_g01_c01.avi": (72, 48, 50), "B/portrait.MP4": (48, 72, 45), "small.mkv": (40, 30, 40)}
+    for rel, (width, height, frames) in expected.items():
+        container, codec, *size, rate, count, keys, pix_fmt = _prepare_probe(dst / rel)
+        assert (codec, *size, rate, count, pix_fmt) == ("h264", width, height, 5, frames, "yuv420p"), rel
+        assert keys == list(range(0, frames, 8)), rel  # exactly every 8: not the source's 25, no extra at cuts
+        files = data.VideoFiles([data.VideoRecord(str(dst / rel), 0)], short_side=min(width, height))
+        asked = [frames - 1, 30, 33, 0, 17, 9]  # far in: seeks (5 fps, > 2 s), out of order, the last frame
+        assert _data_frame_ids(files.read(0, lambda n: asked)) == asked, rel
+    # an .avi holds MP4 (FFmpeg's AVI demuxer dates H.264 frames one late), found by its content
+    assert _prepare_probe(dst / "A/v_A_g01_c01.avi")[0].startswith("mov,mp4")
+    assert sorted(p.name for p in dst.rglob("*") if p.is_file()) == \
+        ["portrait.MP4", "prepare_report.json", "small.mkv", "v_A_g01_c01.avi"]
+
+
+@pytest.mark.filterwarnings("ignore:BatchNorm sees")  # a batch of 4: this test is about the data
+def test_prepare_ucf101_layout_trains_on_the_prepared_tree(tmp_path):
+    out, dst = tmp_path / "synthetic", tmp_path / "prepared"
+    data.make_synthetic(str(out), num_train=8, num_test=2, seed=0, scene_bias=0.8, short_side=48)
+    data.prepare(str(out / "videos"), str(dst), short_side=32, workers=1)
+    records, classes = data.build_records("ucf101", str(dst), str(out / "splits"), 1, True)  # the same split files
+    assert classes == list(data.CLASSES) and len(records) == 8 and all(r.path.startswith(str(dst)) for r in records)
+    item = data.ClipDataset(data.VideoFiles(records, 32), clip_len=4, stride=2, shift=(2, 20))[3]
+    assert item["views"].shape == (2, 4, 32, 32, 3) and item["skipped"] == 0
+    pretrain.main(["--dataset", "ucf101", "--root", str(dst), "--split-dir", str(out / "splits"), "--arch", "mini",
+                   "--size", "32", "--clip-len", "4", "--stride", "2", "--batch-size", "4", "--bn-splits", "2",
+                   "--moco-k", "4", "--workers", "0", "--epochs", "1", "--knn-every", "0", "--out", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_prepare_rerun_skips_what_is_done(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _prepare_tree(src, ["a.avi", "b/b.avi", "b/c.avi"])
+    assert data.prepare(str(src), str(dst), 48, workers=1)["done"] == 3
+    before = _prepare_snapshot(dst / "b")
+    _prepare_tree(src, ["d.avi"])
+    capsys.readouterr()
+    report = data.prepare(str(src), str(dst), 48, workers=1)
+    assert (report["done"], report["skipped_existing"], report["failed"]) == (1, 3, [])
+    assert "3 already in" in capsys.readouterr().out
+    assert _prepare_snapshot(dst / "b") == before  # not rewritten
+    assert json.loads((dst / "prepare_report.json").read_text())["skipped_existing"] == 3
+    with pytest.raises(SystemExit, match="prepared with"):  # other settings would mix sizes in one tree
+        data.prepare(str(src), str(dst), 32, workers=1)
+
+
+def test_prepare_killed_run_leaves_no_file_under_a_final_name(tmp_path, monkeypatch, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _prepare_tree(src, ["a.avi"])
+    final, real_encode = dst / "a.avi", data._encode_frames
+
+    def killed(frames, out, *args):
+        real_encode((frame for _, frame in zip(range(5), frames)), out, *args)  # 5 frames, then the kill
+        assert (dst / ("a.avi" + data.PART_SUFFIX)).exists() and not final.exists()  # written under the temporary name
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_encode_frames", killed)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(str(src), str(dst), 48, workers=1)
+    assert not final.exists() and not list(dst.rglob("*" + data.PART_SUFFIX))
+    monkeypatch.undo()
+    (dst / ("a.avi" + data.PART_SUFFIX)).write_bytes(b"half a video, as a SIGKILL leaves it")
+    capsys.readouterr()
+    report = data.prepare(str(src), str(dst), 48, workers=1)
+    assert (report["done"], report["skipped_existing"]) == (1, 0)  # the temporary file was not taken for done
+    assert "removed 1 partial" in capsys.readouterr().out
+    assert _prepare_probe(final)[5] == 40 and not list(dst.rglob("*" + data.PART_SUFFIX))
+
+
+def test_prepare_bad_videos_are_reported_and_src_is_untouched(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _prepare_tree(src, ["good/a.avi", "good/b.avi"])
+    good = (src / "good/a.avi").read_bytes()
+    with av.open(str(src / "good/a.avi")) as container:
+        packet_starts = [packet.pos for packet in container.demux(video=0) if packet.size]
+    (src / "bad").mkdir()
+    (src / "bad/zero.avi").write_bytes(b"")
+    (src / "bad/garbage.avi").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    (src / "bad/text.mp4").write_text("not a video\n" * 100)
+    (src / "bad/truncated.avi").write_bytes(good[: packet_starts[20]])  # the stream stops after frame 19 of 40
+    before = _prepare_snapshot(src)
+    run = subprocess.run([sys.executable, "data.py", "prepare", str(src), str(dst), "--short-side", "48",
+                          "--workers", "2"], cwd=os.path.dirname(__file__), capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    report = json.loads((dst / "prepare_report.json").read_text())
+    reasons = {entry["path"]: entry["reason"] for entry in report["failed"]}
+    assert set(reasons) == {"bad/zero.avi", "bad/garbage.avi", "bad/text.mp4", "bad/truncated.avi"}
+    assert reasons["bad/zero.avi"] == "zero bytes" and reasons["bad/truncated.avi"].startswith("truncated, 20 of the 40")
+    assert all(reasons[name] for name in reasons)
+    for name in reasons:
+        assert name in run.stdout + run.stderr and not (dst / name).exists()
+    assert (report["done"], report["short_side"], report["keyframe_every"]) == (2, 48, 16)
+    assert "2 done, 0 skipped (already there), 4 failed" in run.stdout
+    assert _prepare_snapshot(src) == before  # nothing under SRC written, not even touched
+    assert not list(dst.rglob("*" + data.PART_SUFFIX))
+
+
+def test_prepare_refuses_overlapping_or_missing_folders(tmp_path, capsys):
+    src = tmp_path / "src"
+    _prepare_tree(src, ["a.avi"])
+    for dst, message in ((src, "must not be"), (src / "out", "must not be"), (tmp_path, "must not be")):
+        with pytest.raises(SystemExit, match=message):
+            data.prepare(str(src), str(dst), 48, workers=1)
+    with pytest.raises(SystemExit, match="is not a folder"):
+        data.prepare(str(tmp_path / "missing"), str(tmp_path / "dst"), 48)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no videos"):
+        data.prepare(str(tmp_path / "empty"), str(tmp_path / "dst"), 48)
+    with pytest.raises(SystemExit):
+        data.main(["prepare", str(src), str(tmp_path / "dst"), "--short-side", "47"])
+    assert "even --short-side" in capsys.readouterr().err
+    assert _prepare_snapshot(src).keys() == {"a.avi"}
