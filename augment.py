@@ -26,7 +26,6 @@ its GPU (DSMTriplet.apply_batch, with farneback_torch in place of OpenCV), from 
 """
 import argparse
 import contextlib
-import os
 from collections.abc import Iterator
 
 import cv2
@@ -46,6 +45,8 @@ NEGATIVES = ("disturb", "flow", "shift", "none")  # M-disturb, Scaling-Of, T-Shi
 # Farneback parameters: OpenCV's documented example values (3 pyramid levels, 15-pixel window);
 # a 112 x 112 pair takes ~2 ms on one core, and the test's 2 px shift comes back to 0.1 px.
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+TPS_POINTS = 5  # destination grid of the TPS, points per side: the authors' 5 x 5
+TPS_OFFSET = 0.1  # C of the offsets U[-C, C] as a fraction of the frame size (paper: 1/10)
 
 
 # ---- geometry shared by the TPS warp and the flow scaling ---------------------
@@ -58,6 +59,108 @@ def pixel_centres(height: int, width: int, device: torch.device | str = "cpu") -
     return torch.stack([gx, gy], dim=-1)
 
 
+# ---- basic augmentation b -------------------------------------------------------
+
+def resize_crop(frames: np.ndarray | Tensor, box: tuple[int, int, int, int], size: int, flip: bool = False) -> Tensor:
+    """Crop box (top, left, h, w) of uint8 (T, H, W, 3) frames, resize to size x size, optionally
+    mirror left-right: float (C, T, size, size) in [0, 1], on the frames' device."""
+    top, left, h, w = box
+    # (T, H, W, 3) viewed as (T, 3, H, W) is channels-last uint8: torch's fast antialiased path
+    crop = torch.as_tensor(frames)[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+    if crop.device.type == "cpu":
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    else:  # antialiased uint8 resizing exists on the CPU only: resize floats and round as it does
+        resized = F.interpolate(crop.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=True).round_().clamp_(0, 255)
+    if flip:
+        resized = resized.flip(-1)
+    return resized.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+
+
+def colour_jitter(clip: Tensor, factors: np.ndarray | Tensor) -> Tensor:
+    """Brightness b, contrast c, saturation s = factors (..., 3), on clips (..., C, T, H, W).
+
+    Each is linear in the colour: brightness x -> b x, contrast x -> c x + (1 - c) m with m the
+    mean grey of the whole clip (so every frame moves alike), saturation x -> s x + (1 - s) grey(x).
+    Together they are one 3x3 colour matrix plus an offset, applied in a single pass and clamped
+    once (torchvision clamps after each step). Hue is left out: its RGB <-> HSV round trip would
+    cost more than the rest of b.
+    """
+    f = torch.as_tensor(factors, dtype=torch.float64).to(clip.device)
+    b, c, s = f[..., 0], f[..., 1], f[..., 2]
+    luma = torch.tensor(LUMA, device=clip.device)
+    # float64 where the scalars were float64, float32 where they met the clip: one sample's result
+    # is the same whether it comes alone or in a batch
+    m = b * torch.einsum("c,...cthw->...", luma, clip).double() / clip.shape[-3:].numel()
+    eye, grey_rows = torch.eye(3, device=clip.device), torch.outer(torch.ones(3, device=clip.device), luma)
+    saturate = s.float()[..., None, None] * eye + (1 - s).float()[..., None, None] * grey_rows  # keeps grey
+    out = torch.einsum("...oc,...cthw->...othw", (c * b).float()[..., None, None] * saturate, clip)
+    return out.add_(((1 - c) * m).float()[..., None, None, None, None]).clamp_(0, 1)
+
+
+def draw_jitter(strength: float, rng: np.random.Generator) -> np.ndarray | None:
+    """(b, c, s) ~ U[1 - strength, 1 + strength]^3, one draw for all frames; None (and no draw) at 0."""
+    return rng.uniform(1 - strength, 1 + strength, size=3) if strength > 0 else None
+
+
+def check_frames(frames: np.ndarray, name: str) -> None:
+    """Raise a ValueError naming `name` unless frames are what data.py delivers."""
+    if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3):
+        got = (type(frames).__name__, getattr(frames, "dtype", None), getattr(frames, "shape", None))
+        raise ValueError(f"{name} must be uint8 numpy frames (T, H, W, 3), got {got}")
+
+
+class BasicAugment:
+    """b: random resized crop + colour jitter, drawn once per view, and a horizontal flip chosen
+    by the caller (one coin per triplet, or none where a flip changes the class).
+
+    Crop: area fraction ~ U[crop_scale], log aspect ratio ~ U[log crop_ratio] (torchvision's
+    RandomResizedCrop; 10 tries, then the largest centred crop), resized to size x size.
+    """
+
+    def __init__(self, size: int = 112, crop_scale: tuple[float, float] = (0.3, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4):
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        self.size, self.crop_scale, self.crop_ratio, self.jitter = size, tuple(crop_scale), crop_ratio, jitter
+
+    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of a random crop, the same for every frame of the view."""
+        log_ratio = np.log(self.crop_ratio)
+        for _ in range(10):
+            area = height * width * rng.uniform(*self.crop_scale)
+            ratio = np.exp(rng.uniform(*log_ratio))
+            w, h = round(np.sqrt(area * ratio)), round(np.sqrt(area / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        # no luck: the whole frame, trimmed to the nearest allowed aspect ratio, centred
+        ratio = min(max(width / height, self.crop_ratio[0]), self.crop_ratio[1])
+        h, w = min(height, round(width / ratio)), min(width, round(height * ratio))
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
+        """One view's draws: its crop box, then its jitter factors (None without jitter)."""
+        return self.crop_box(height, width, rng), draw_jitter(self.jitter, rng)
+
+    def apply(self, frames: np.ndarray | Tensor, box: tuple[int, int, int, int], factors: np.ndarray | None,
+              flip: bool = False) -> Tensor:
+        """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1], given the view's draws."""
+        view = resize_crop(frames, box, self.size, flip=flip)
+        return view if factors is None else colour_jitter(view, factors)
+
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator, flip: bool = False) -> Tensor:
+        """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1]."""
+        return self.apply(frames, *self.draw(frames.shape[1], frames.shape[2], rng), flip)
+
+
+def normalise_(clip: Tensor) -> Tensor:
+    """(..., C, T, H, W) in [0, 1] -> (x - MEAN) / STD per channel, in place (the views are ours)."""
+    mean, std = (torch.tensor(v, device=clip.device).view(3, 1, 1, 1) for v in (MEAN, STD))
+    return clip.sub_(mean).div_(std)
+
+
 # ---- Spatial Local Disturbance s: thin-plate spline ----------------------------
 
 def tps_kernel(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -66,18 +169,21 @@ def tps_kernel(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * r2 * np.log(np.where(r2 > 0, r2, 1.0))  # r^2 log r = r^2 log(r^2) / 2; U(0) = 0
 
 
-def tps_features(points: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """(M, N+3) rows [U(|p - d_1|) .. U(|p - d_N|), 1, x, y]: f(p) = features(p) @ coefficients."""
-    return np.hstack([tps_kernel(points, dst), np.ones((len(points), 1)), points])
+def tps_matrix(dst: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(HW, N) matrix A of the TPS through the destination points dst (N, 2): for any source points
+    src (N, 2), A @ src is the grid of the spline f with f(dst_i) = src_i at every pixel centre.
 
-
-def tps_system(dst: np.ndarray) -> np.ndarray:
-    """The (N+3, N+3) TPS matrix L = [[K, P], [P^T, 0]]: interpolation plus the side conditions."""
+    f(p) = sum_i w_i U(|p - d_i|) + a_0 + a_x x + a_y y, with [w; a] = L^-1 [src; 0] and L the
+    (N+3, N+3) system [[K, P], [P^T, 0]] (interpolation, and no affine part in the bending w).
+    f is linear in src, so L^-1 and the kernel between pixels and d_i fold into A once.
+    """
     n = len(dst)
+    features = lambda points: np.hstack([tps_kernel(points, dst), np.ones((len(points), 1)), points])  # [U, 1, x, y]
     L = np.zeros((n + 3, n + 3))
-    L[:n] = tps_features(dst, dst)
-    L[n:, :n] = L[:n, n:].T  # sum_i w_i = 0 and sum_i w_i d_i = 0: the bending part has no affine component
-    return L
+    L[:n] = features(dst)
+    L[n:, :n] = L[:n, n:].T
+    pixels = pixel_centres(height, width).reshape(-1, 2).numpy()
+    return features(pixels) @ scipy.linalg.inv(L)[:, :n]  # the 3 zero rows of [src; 0] drop out
 
 
 def tps_grid(dst: Tensor, src: Tensor, height: int, width: int) -> Tensor:
@@ -86,11 +192,8 @@ def tps_grid(dst: Tensor, src: Tensor, height: int, width: int) -> Tensor:
     dst, src: (N, 2) (x, y) in [-1, 1]. The output pixel at dst_i samples the input at src_i.
     """
     assert dst.shape == src.shape and dst.ndim == 2 and dst.shape[1] == 2, (dst.shape, src.shape)
-    d = dst.double().numpy()
-    rhs = np.vstack([src.double().numpy(), np.zeros((3, 2))])  # [src; 0]
-    coefficients = scipy.linalg.solve(tps_system(d), rhs)  # (N+3, 2): w_1..w_N, a_1, a_x, a_y
-    points = pixel_centres(height, width).reshape(-1, 2).numpy()
-    return torch.from_numpy(tps_features(points, d) @ coefficients).float().reshape(height, width, 2)
+    A = tps_matrix(dst.double().numpy(), height, width)
+    return torch.from_numpy(A @ src.double().numpy()).float().reshape(height, width, 2)
 
 
 class TPSWarp:
@@ -99,9 +202,8 @@ class TPSWarp:
     Destination points d_i: a uniform points x points grid that includes the frame border
     (corners at +-1), so the whole frame is disturbed evenly. Offsets Delta_i ~ U[-C, C] per
     coordinate with C = offset x frame size, i.e. 2 * offset in grid units (the frame spans 2).
-    f is linear in src, so L^-1 and the kernel between pixels and d_i fold into one (HW, N)
-    matrix A once: a new warp is grid = A @ src plus one grid_sample. Pixels sampled outside
-    the frame repeat the border (padding "border"): black corners would mark the positive.
+    A new warp is grid = A @ src (tps_matrix, solved once) plus one grid_sample. Pixels sampled
+    outside the frame repeat the border: black corners would mark the positive.
     """
 
     def __init__(self, height: int, width: int, points: int = 5, offset: float = 0.1):
@@ -113,9 +215,7 @@ class TPSWarp:
         dst = np.stack([gx.ravel(), gy.ravel()], axis=1)  # (N, 2), N = points^2
         self.dst = torch.from_numpy(dst).float()
         self.C = 2.0 * offset  # in grid units
-        L_inv = scipy.linalg.inv(tps_system(dst))
-        K_pix = tps_features(pixel_centres(height, width).reshape(-1, 2).numpy(), dst)  # (HW, N+3)
-        self.A = (K_pix @ L_inv[:, : len(dst)]).astype(np.float32)  # (HW, N): the [0] rows of [src; 0] drop out
+        self.A = tps_matrix(dst, height, width).astype(np.float32)  # (HW, N)
         self._A_on: dict[str, Tensor] = {}  # A as a tensor per device, for the device path
 
     def __getstate__(self) -> dict:
@@ -177,43 +277,23 @@ def grey_uint8(clip: Tensor) -> np.ndarray:
     return grey_levels(clip).to(torch.uint8).numpy()
 
 
-def upsample_flow(flow: Tensor, height: int, width: int) -> Tensor:
-    """(..., 2, h, w) flow computed on resized frames -> (..., 2, H, W) in full-size pixels."""
-    h, w = flow.shape[-2:]
-    if (h, w) == (height, width):
-        return flow
-    up = F.interpolate(flow.reshape(-1, 2, h, w), size=(height, width), mode="bilinear", align_corners=False)
-    up = up * torch.tensor([width / w, height / h], device=flow.device).view(1, 2, 1, 1)
-    return up.reshape(*flow.shape[:-2], height, width)
-
-
-def farneback_flow(clip: Tensor, scale: float = 1.0) -> Tensor:
-    """(T-1, 2, H, W) flow in pixels (x then y) with clip[:, t+1](p) ~= clip[:, t](p + flow[t](p)) (Eq. 2).
-
-    scale < 1 computes the flow on frames resized by `scale` and upsamples it (values x 1/scale).
-    """
-    if not 0 < scale <= 1:
-        raise ValueError(f"flow scale must be in (0, 1], got {scale}")
+def farneback_flow(clip: Tensor) -> Tensor:
+    """(T-1, 2, H, W) flow in pixels (x then y) with clip[:, t+1](p) ~= clip[:, t](p + flow[t](p)) (Eq. 2)."""
     _, T, H, W = clip.shape  # (C, T, H, W)
     if T < 2:
         raise ValueError(f"optical flow needs at least 2 frames, got {T}")
     grey = grey_uint8(clip)  # (T, H, W)
-    h, w = max(round(H * scale), 1), max(round(W * scale), 1)
-    if (h, w) != (H, W):
-        grey = np.stack([cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA) for g in grey])
     # OpenCV returns flow with prev(p) ~= next(p + flow(p)); passing (frame t+1, frame t)
     # as (prev, next) gives the convention of Eq. 2.
     flow = np.stack([cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **FARNEBACK) for t in range(T - 1)])
-    flow = torch.from_numpy(flow).permute(0, 3, 1, 2)  # (T-1, 2, h, w)
-    return upsample_flow(flow, H, W).contiguous()
+    return torch.from_numpy(flow).permute(0, 3, 1, 2).contiguous()  # (T-1, 2, H, W)
 
 
-def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor, padding: str = "border") -> Tensor:
+def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor) -> Tensor:
     """Eq. 3: frame 0 unchanged, frame t+1 = frame t of `clip` sampled at p + phi[t] * flow[t](p).
 
-    Samples that fall outside the frame repeat its border (padding "border"); "zeros" makes them
-    black, the paper's "wide black boundary" for a large M. Black blotches mark the negative by
-    something other than its motion, so the border is the default.
+    Samples that fall outside the frame repeat its border. The paper shows a "wide black boundary"
+    for a large M; black blotches would mark the negative by something other than its motion.
     """
     *batch, channels, T, H, W = clip.shape  # (..., C, T, H, W): one clip or a batch of clips
     assert flow.shape == (*batch, T - 1, 2, H, W), (flow.shape, clip.shape)
@@ -223,13 +303,177 @@ def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor, padding: str = "border
     grid = torch.addcmul(pixel_centres(H, W, clip.device).float(), flow.reshape(-1, 2, H, W).permute(0, 2, 3, 1),
                          factor)  # Eq. 3: p + phi(t) V(p)
     previous = clip.reshape(-1, channels, T, H, W)[:, :, :-1].transpose(1, 2)  # (B, T-1, C, H, W): frames 0..T-2
-    following = F.grid_sample(previous.reshape(-1, channels, H, W), grid, mode="bilinear", padding_mode=padding,
+    following = F.grid_sample(previous.reshape(-1, channels, H, W), grid, mode="bilinear", padding_mode="border",
                               align_corners=False).reshape(-1, T - 1, channels, H, W)
     out = torch.cat([clip.reshape(-1, channels, T, H, W)[:, :, :1], following.transpose(1, 2)], dim=2)
     return out.reshape(clip.shape)
 
 
-# ---- Farneback flow in torch, batched, for the device path ------------------------
+# ---- the triplet ----------------------------------------------------------------
+
+class DSMTriplet:
+    """transform(clip, shifted, rng) -> (3, C, T, size, size): anchor a, positive p, negative n.
+
+    positive: "tps" p = s(b(c2)) | "none" p = b(c2) (the MoCo second view).
+    negative: "disturb" (M-disturb) n = flow-scaled b(c3), c3 from the tau-shifted frames (Eq. 3 + 4)
+              "flow" (Scaling-Of) the same on the anchor's frames | "shift" (T-Shift) n = b(c3) of
+              the shifted frames | "none" no negative: returns (2, C, T, size, size).
+    Flow runs on the [0, 1] view at output size, before normalisation; phi(t) ~ U[0, M] per step.
+    flip: one coin per triplet mirrors a, p and n together, so they never differ in direction.
+
+    Drawing and applying are separate: `draw` is the only consumer of rng. The CPU path is
+    draw then `apply`, per sample in the DataLoader worker; the device path (FramesAndDraws in
+    the worker, `apply_batch` in the training process) applies the same draws to a whole batch.
+    """
+
+    def __init__(self, size: int = 112, positive: str = "tps", negative: str = "disturb", flow_max: float = 5.0,
+                 crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4, flip: bool = True):
+        if positive not in POSITIVES:
+            raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
+        if negative not in NEGATIVES:
+            raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
+        if flow_max < 0:
+            raise ValueError(f"need flow_max >= 0, got {flow_max}")
+        self.positive, self.negative, self.M, self.flip = positive, negative, flow_max, flip
+        self.b = BasicAugment(size, crop_scale, jitter=jitter)
+        self.s = TPSWarp(size, size, TPS_POINTS, TPS_OFFSET) if positive == "tps" else None
+
+    @property
+    def uses_shift(self) -> bool:
+        """Whether the negative needs the tau-shifted frames (Eq. 4)."""
+        return self.negative in ("disturb", "shift")
+
+    @property
+    def scales_flow(self) -> bool:
+        """Whether n is flow-scaled (Eq. 3): M-disturb and Scaling-Of."""
+        return self.negative in ("disturb", "flow")
+
+    def check(self, clip: np.ndarray, shifted: np.ndarray | None) -> None:
+        """Raise a ValueError unless the frames are what this triplet needs."""
+        check_frames(clip, "clip")
+        if self.uses_shift:
+            if shifted is None:
+                raise ValueError(f"negative={self.negative!r} needs the tau-shifted frames, got shifted=None")
+            check_frames(shifted, "shifted")
+            if shifted.shape != clip.shape:
+                raise ValueError(f"shifted frames {shifted.shape} differ from clip frames {clip.shape}")
+
+    def draw(self, T: int, height: int, width: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        """Every random choice of one triplet, in this order: flip coin; crop box and jitter of a, then
+        of p; TPS source points of s; crop box and jitter of n; phi of t. "box" (V, 4) rows are
+        (top, left, h, w) of a, p[, n]; "jitter" (V, 3) is present only with jitter, "src" (N, 2) only
+        with s, "phi" (T-1,) only with flow scaling."""
+        flip = self.flip and rng.random() < 0.5
+        views = [self.b.draw(height, width, rng), self.b.draw(height, width, rng)]  # c1, c2
+        draws = {"flip": torch.tensor(flip)}
+        if self.s is not None:
+            draws["src"] = self.s.sample_src(rng)
+        if self.negative != "none":
+            views.append(self.b.draw(height, width, rng))  # c3
+            if self.scales_flow:
+                draws["phi"] = torch.from_numpy(rng.uniform(0.0, self.M, size=T - 1)).float()  # phi(t) ~ U[0, M]
+        draws["box"] = torch.tensor([box for box, _ in views])
+        if self.b.jitter > 0:
+            draws["jitter"] = torch.from_numpy(np.stack([factors for _, factors in views]))
+        return draws
+
+    def sources(self) -> list[int]:
+        """Which frames each view crops: 0 the anchor's, 1 the tau-shifted ones (Eq. 4)."""
+        return [0, 0] + ([] if self.negative == "none" else [1 if self.uses_shift else 0])
+
+    def apply(self, clip: np.ndarray, shifted: np.ndarray | None, draws: dict[str, Tensor]) -> Tensor:
+        """The CPU path: one triplet (V, C, T, size, size) from its frames and its draws."""
+        frames, flip = (clip, shifted), bool(draws["flip"])
+        views = []
+        for v, source in enumerate(self.sources()):
+            factors = draws["jitter"][v].numpy() if "jitter" in draws else None
+            views.append(self.b.apply(frames[source], tuple(draws["box"][v].tolist()), factors, flip))
+        if self.s is not None:
+            views[1] = self.s.apply(views[1], draws["src"])  # p = s(b(c2))
+        if self.scales_flow:
+            n = views[2]
+            views[2] = scale_motion(n, farneback_flow(n), draws["phi"])  # Eq. 3
+        return torch.stack([normalise_(v) for v in views])  # (V, C, T, size, size)
+
+    def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> Tensor:
+        self.check(clip, shifted)
+        return self.apply(clip, shifted, self.draw(*clip.shape[:3], rng))
+
+    def apply_batch(self, frames: list[Tensor], draws: dict[str, Tensor], device: torch.device | str) -> Tensor:
+        """The device path: triplets (B, V, C, T, size, size) on `device` from the workers' uint8 frames
+        (one (1 or 2, T, H, W, 3) tensor per sample: anchor[, shifted]; sizes may differ between videos)
+        and their collated draws. The same computation as `apply`, batched, with farneback_torch."""
+        boxes, flips = draws["box"].tolist(), draws["flip"].tolist()  # on the host: no device sync
+        draws = {k: v.to(device, non_blocking=True) for k, v in draws.items() if k in ("jitter", "src", "phi")}
+        frames = [f.to(device, non_blocking=True) for f in frames]
+        views = torch.stack([torch.stack([resize_crop(f[source], tuple(boxes[i][v]), self.b.size, flips[i])
+                                          for v, source in enumerate(self.sources())])
+                             for i, f in enumerate(frames)])
+        if "jitter" in draws:
+            views = colour_jitter(views, draws["jitter"])  # (B, V, C, T, S, S)
+        if self.s is not None:
+            views[:, 1] = self.s.warp(views[:, 1], self.s.grids(draws["src"]))  # p = s(b(c2))
+        if self.scales_flow:
+            n = views[:, 2]
+            views[:, 2] = scale_motion(n, batch_flow(n), draws["phi"])  # Eq. 3
+        return normalise_(views)
+
+
+class ClipTransform:
+    """One normalised view (C, T, size, size) for fine-tuning and retrieval.
+
+    train: b (random crop, colour jitter, and a flip if `flip`); test: the centred square of side 7/8 of the short
+    side, resized to size x size (deterministic, rng unused). data.py decodes at a short side of
+    8/7 x size, so this is the usual 112-of-128 centre crop with no resampling.
+    """
+
+    def __init__(self, size: int = 112, train: bool = True, flip: bool = True,
+                 crop_scale: tuple[float, float] = (0.3, 1.0)):
+        self.size, self.train, self.flip = size, train, flip
+        self.b = BasicAugment(size, crop_scale) if train else None
+
+    def __call__(self, clip: np.ndarray, shifted: np.ndarray | None = None,
+                 rng: np.random.Generator | None = None) -> Tensor:
+        check_frames(clip, "clip")
+        if self.b is not None:
+            if rng is None:
+                raise ValueError("ClipTransform(train=True) draws its crop from rng; got rng=None")
+            return normalise_(self.b(clip, rng, self.flip and rng.random() < 0.5))
+        _, H, W, _ = clip.shape
+        side = round(min(H, W) * 7 / 8)
+        return normalise_(resize_crop(clip, ((H - side) // 2, (W - side) // 2, side, side), self.size))
+
+
+# ---- the device path: the workers decode and draw, the GPU applies a batch ----------
+
+class FramesAndDraws:
+    """The device path's DataLoader transform: (clip, shifted, rng) -> {"frames": uint8 (1 or 2, T, H, W, 3),
+    "draws": triplet.draw(...)}: the worker decodes and draws, the training process applies
+    (DSMTriplet.apply_batch). Collate with collate_frames."""
+
+    def __init__(self, triplet: DSMTriplet):
+        self.triplet = triplet
+
+    def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> dict:
+        self.triplet.check(clip, shifted)
+        frames = np.stack([clip, shifted]) if self.triplet.uses_shift else clip[None]
+        return {"frames": torch.from_numpy(frames), "draws": self.triplet.draw(*clip.shape[:3], rng)}
+
+
+def collate_frames(batch: list[dict]) -> dict:
+    """default_collate, except that the device path's frames stay a list: videos differ in size."""
+    frames = [sample["views"].pop("frames") for sample in batch]
+    out = torch.utils.data.default_collate(batch)
+    out["views"]["frames"] = frames
+    return out
+
+
+def batch_flow(clips: Tensor) -> Tensor:
+    """farneback_flow for a batch (B, C, T, H, W) on its device -> (B, T-1, 2, H, W), with farneback_torch."""
+    return farneback_torch(grey_levels(clips), **FARNEBACK)
+
+
+# Farneback flow in torch, batched.
 # Farneback (2003), "Two-frame motion estimation based on polynomial expansion", organised as
 # cv::calcOpticalFlowFarneback is (flags=0: box window), so the same FARNEBACK parameters give the
 # same flow: a quadratic fitted per pixel, a displacement solved per window, coarse to fine.
@@ -385,293 +629,7 @@ def _farneback_levels(grey: Tensor, pyr_scale: float, levels: int, winsize: int,
     return flow.view(N, T - 1, 2, H, W)
 
 
-# ---- basic augmentation b -------------------------------------------------------
-
-def resize_crop(frames: np.ndarray | Tensor, box: tuple[int, int, int, int], size: int, flip: bool = False) -> Tensor:
-    """Crop box (top, left, h, w) of uint8 (T, H, W, 3) frames, resize to size x size, optionally
-    mirror left-right: float (C, T, size, size) in [0, 1], on the frames' device."""
-    top, left, h, w = box
-    # (T, H, W, 3) viewed as (T, 3, H, W) is channels-last uint8: torch's fast antialiased path
-    crop = torch.as_tensor(frames)[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
-    if crop.device.type == "cpu":
-        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    else:  # antialiased uint8 resizing exists on the CPU only: resize floats and round as it does
-        resized = F.interpolate(crop.float(), size=(size, size), mode="bilinear", align_corners=False,
-                                antialias=True).round_().clamp_(0, 255)
-    if flip:
-        resized = resized.flip(-1)
-    return resized.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
-
-
-def colour_jitter(clip: Tensor, factors: np.ndarray | Tensor) -> Tensor:
-    """Brightness b, contrast c, saturation s = factors (..., 3), on clips (..., C, T, H, W).
-
-    Each is linear in the colour: brightness x -> b x, contrast x -> c x + (1 - c) m with m the
-    mean grey of the whole clip (so every frame moves alike), saturation x -> s x + (1 - s) grey(x).
-    Together they are one 3x3 colour matrix plus an offset, applied in a single pass and clamped
-    once (torchvision clamps after each step). Hue is left out: its RGB <-> HSV round trip would
-    cost more than the rest of b.
-    """
-    f = torch.as_tensor(factors, dtype=torch.float64).to(clip.device)
-    b, c, s = f[..., 0], f[..., 1], f[..., 2]
-    luma = torch.tensor(LUMA, device=clip.device)
-    # float64 where the scalars were float64, float32 where they met the clip: one sample's result
-    # is the same whether it comes alone or in a batch
-    m = b * torch.einsum("c,...cthw->...", luma, clip).double() / clip.shape[-3:].numel()
-    eye, grey_rows = torch.eye(3, device=clip.device), torch.outer(torch.ones(3, device=clip.device), luma)
-    saturate = s.float()[..., None, None] * eye + (1 - s).float()[..., None, None] * grey_rows  # keeps grey
-    out = torch.einsum("...oc,...cthw->...othw", (c * b).float()[..., None, None] * saturate, clip)
-    return out.add_(((1 - c) * m).float()[..., None, None, None, None]).clamp_(0, 1)
-
-
-def draw_jitter(strength: float, rng: np.random.Generator) -> np.ndarray | None:
-    """(b, c, s) ~ U[1 - strength, 1 + strength]^3, one draw for all frames; None (and no draw) at 0."""
-    return rng.uniform(1 - strength, 1 + strength, size=3) if strength > 0 else None
-
-
-def check_frames(frames: np.ndarray, name: str) -> None:
-    """Raise a ValueError naming `name` unless frames are what data.py delivers."""
-    if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3):
-        got = (type(frames).__name__, getattr(frames, "dtype", None), getattr(frames, "shape", None))
-        raise ValueError(f"{name} must be uint8 numpy frames (T, H, W, 3), got {got}")
-
-
-class BasicAugment:
-    """b: random resized crop + colour jitter, drawn once per view, and a horizontal flip chosen
-    by the caller (one coin per triplet, or none where a flip changes the class).
-
-    Crop: area fraction ~ U[crop_scale], log aspect ratio ~ U[log crop_ratio] (torchvision's
-    RandomResizedCrop; 10 tries, then the largest centred crop), resized to size x size.
-    """
-
-    def __init__(self, size: int = 112, crop_scale: tuple[float, float] = (0.3, 1.0),
-                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4):
-        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
-        if not 0 <= jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-        self.size, self.crop_scale, self.crop_ratio, self.jitter = size, tuple(crop_scale), crop_ratio, jitter
-
-    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of a random crop, the same for every frame of the view."""
-        log_ratio = np.log(self.crop_ratio)
-        for _ in range(10):
-            area = height * width * rng.uniform(*self.crop_scale)
-            ratio = np.exp(rng.uniform(*log_ratio))
-            w, h = round(np.sqrt(area * ratio)), round(np.sqrt(area / ratio))
-            if 0 < w <= width and 0 < h <= height:
-                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-        # no luck: the whole frame, trimmed to the nearest allowed aspect ratio, centred
-        ratio = min(max(width / height, self.crop_ratio[0]), self.crop_ratio[1])
-        h, w = min(height, round(width / ratio)), min(width, round(height * ratio))
-        return (height - h) // 2, (width - w) // 2, h, w
-
-    def draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
-        """One view's draws: its crop box, then its jitter factors (None without jitter)."""
-        return self.crop_box(height, width, rng), draw_jitter(self.jitter, rng)
-
-    def apply(self, frames: np.ndarray | Tensor, box: tuple[int, int, int, int], factors: np.ndarray | None,
-              flip: bool = False) -> Tensor:
-        """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1], given the view's draws."""
-        view = resize_crop(frames, box, self.size, flip=flip)
-        return view if factors is None else colour_jitter(view, factors)
-
-    def __call__(self, frames: np.ndarray, rng: np.random.Generator, flip: bool = False) -> Tensor:
-        """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1]."""
-        return self.apply(frames, *self.draw(frames.shape[1], frames.shape[2], rng), flip)
-
-
-def normalise_(clip: Tensor) -> Tensor:
-    """(..., C, T, H, W) in [0, 1] -> (x - MEAN) / STD per channel, in place (the views are ours)."""
-    mean, std = (torch.tensor(v, device=clip.device).view(3, 1, 1, 1) for v in (MEAN, STD))
-    return clip.sub_(mean).div_(std)
-
-
-# ---- the triplet ----------------------------------------------------------------
-
-class DSMTriplet:
-    """transform(clip, shifted, rng) -> (3, C, T, size, size): anchor a, positive p, negative n.
-
-    positive: "tps" p = s(b(c2)) | "none" p = b(c2) (the MoCo second view).
-    negative: "disturb" (M-disturb) n = flow-scaled b(c3), c3 from the tau-shifted frames (Eq. 3 + 4)
-              "flow" (Scaling-Of) the same on the anchor's frames | "shift" (T-Shift) n = b(c3) of
-              the shifted frames | "none" no negative: returns (2, C, T, size, size).
-    Flow runs on the [0, 1] view at output size, before normalisation; phi(t) ~ U[0, M] per step.
-    flip: one coin per triplet mirrors a, p and n together, so they never differ in direction.
-
-    Drawing and applying are separate: `draw` is the only consumer of rng. The CPU path is
-    draw then `apply`, per sample in the DataLoader worker; the device path (FramesAndDraws in
-    the worker, `apply_batch` in the training process) applies the same draws to a whole batch.
-    """
-
-    def __init__(self, size: int = 112, positive: str = "tps", negative: str = "disturb",
-                 tps_points: int = 5, tps_offset: float = 0.1, flow_max: float = 5.0, flow_scale: float = 1.0,
-                 crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4, flip: bool = True,
-                 flow_padding: str = "border"):
-        if positive not in POSITIVES:
-            raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
-        if negative not in NEGATIVES:
-            raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
-        if flow_max < 0 or not 0 < flow_scale <= 1:
-            raise ValueError(f"need flow_max >= 0 and 0 < flow_scale <= 1, got {flow_max}, {flow_scale}")
-        self.positive, self.negative = positive, negative
-        self.M, self.flow_scale, self.flip, self.flow_padding = flow_max, flow_scale, flip, flow_padding
-        self.b = BasicAugment(size, crop_scale, jitter=jitter)
-        self.s = TPSWarp(size, size, tps_points, tps_offset) if positive == "tps" else None
-
-    @property
-    def uses_shift(self) -> bool:
-        """Whether the negative needs the tau-shifted frames (Eq. 4)."""
-        return self.negative in ("disturb", "shift")
-
-    @property
-    def scales_flow(self) -> bool:
-        """Whether n is flow-scaled (Eq. 3): M-disturb and Scaling-Of."""
-        return self.negative in ("disturb", "flow")
-
-    def check(self, clip: np.ndarray, shifted: np.ndarray | None) -> None:
-        """Raise a ValueError unless the frames are what this triplet needs."""
-        check_frames(clip, "clip")
-        if self.uses_shift:
-            if shifted is None:
-                raise ValueError(f"negative={self.negative!r} needs the tau-shifted frames, got shifted=None")
-            check_frames(shifted, "shifted")
-            if shifted.shape != clip.shape:
-                raise ValueError(f"shifted frames {shifted.shape} differ from clip frames {clip.shape}")
-
-    def draw(self, T: int, height: int, width: int, rng: np.random.Generator) -> dict[str, Tensor]:
-        """Every random choice of one triplet, in this order: flip coin; crop box and jitter of a, then
-        of p; TPS source points of s; crop box and jitter of n; phi of t. "box" (V, 4) rows are
-        (top, left, h, w) of a, p[, n]; "jitter" (V, 3) is present only with jitter, "src" (N, 2) only
-        with s, "phi" (T-1,) only with flow scaling."""
-        flip = self.flip and rng.random() < 0.5
-        views = [self.b.draw(height, width, rng), self.b.draw(height, width, rng)]  # c1, c2
-        draws = {"flip": torch.tensor(flip)}
-        if self.s is not None:
-            draws["src"] = self.s.sample_src(rng)
-        if self.negative != "none":
-            views.append(self.b.draw(height, width, rng))  # c3
-            if self.scales_flow:
-                draws["phi"] = torch.from_numpy(rng.uniform(0.0, self.M, size=T - 1)).float()  # phi(t) ~ U[0, M]
-        draws["box"] = torch.tensor([box for box, _ in views])
-        if self.b.jitter > 0:
-            draws["jitter"] = torch.from_numpy(np.stack([factors for _, factors in views]))
-        return draws
-
-    def sources(self) -> list[int]:
-        """Which frames each view crops: 0 the anchor's, 1 the tau-shifted ones (Eq. 4)."""
-        return [0, 0] + ([] if self.negative == "none" else [1 if self.uses_shift else 0])
-
-    def apply(self, clip: np.ndarray, shifted: np.ndarray | None, draws: dict[str, Tensor]) -> Tensor:
-        """The CPU path: one triplet (V, C, T, size, size) from its frames and its draws."""
-        frames, flip = (clip, shifted), bool(draws["flip"])
-        views = []
-        for v, source in enumerate(self.sources()):
-            factors = draws["jitter"][v].numpy() if "jitter" in draws else None
-            views.append(self.b.apply(frames[source], tuple(draws["box"][v].tolist()), factors, flip))
-        if self.s is not None:
-            views[1] = self.s.apply(views[1], draws["src"])  # p = s(b(c2))
-        if self.scales_flow:
-            n = views[2]
-            views[2] = scale_motion(n, farneback_flow(n, self.flow_scale), draws["phi"], self.flow_padding)  # Eq. 3
-        return torch.stack([normalise_(v) for v in views])  # (V, C, T, size, size)
-
-    def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> Tensor:
-        self.check(clip, shifted)
-        return self.apply(clip, shifted, self.draw(*clip.shape[:3], rng))
-
-    def apply_batch(self, frames: list[Tensor], draws: dict[str, Tensor], device: torch.device | str) -> Tensor:
-        """The device path: triplets (B, V, C, T, size, size) on `device` from the workers' uint8 frames
-        (one (1 or 2, T, H, W, 3) tensor per sample: anchor[, shifted]; sizes may differ between videos)
-        and their collated draws. The same computation as `apply`, batched, with farneback_torch."""
-        boxes, flips = draws["box"].tolist(), draws["flip"].tolist()  # on the host: no device sync
-        draws = {k: v.to(device, non_blocking=True) for k, v in draws.items() if k in ("jitter", "src", "phi")}
-        frames = [f.to(device, non_blocking=True) for f in frames]
-        views = torch.stack([torch.stack([resize_crop(f[source], tuple(boxes[i][v]), self.b.size, flips[i])
-                                          for v, source in enumerate(self.sources())])
-                             for i, f in enumerate(frames)])
-        if "jitter" in draws:
-            views = colour_jitter(views, draws["jitter"])  # (B, V, C, T, S, S)
-        if self.s is not None:
-            views[:, 1] = self.s.warp(views[:, 1], self.s.grids(draws["src"]))  # p = s(b(c2))
-        if self.scales_flow:
-            n = views[:, 2]
-            views[:, 2] = scale_motion(n, batch_flow(n, self.flow_scale), draws["phi"], self.flow_padding)  # Eq. 3
-        return normalise_(views)
-
-
-def batch_flow(clips: Tensor, scale: float = 1.0) -> Tensor:
-    """farneback_flow for a batch (B, C, T, H, W) on its device -> (B, T-1, 2, H, W), with farneback_torch."""
-    grey = grey_levels(clips)  # (B, T, H, W)
-    H, W = grey.shape[-2:]
-    h, w = max(round(H * scale), 1), max(round(W * scale), 1)
-    if (h, w) != (H, W):
-        grey = F.interpolate(grey, size=(h, w), mode="area")
-    return upsample_flow(farneback_torch(grey, **FARNEBACK), H, W)
-
-
-class FramesAndDraws:
-    """The device path's DataLoader transform: (clip, shifted, rng) -> {"frames": uint8 (1 or 2, T, H, W, 3),
-    "draws": triplet.draw(...)}: the worker decodes and draws, the training process applies
-    (DSMTriplet.apply_batch). Collate with collate_frames."""
-
-    def __init__(self, triplet: DSMTriplet):
-        self.triplet = triplet
-
-    def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> dict:
-        self.triplet.check(clip, shifted)
-        frames = np.stack([clip, shifted]) if self.triplet.uses_shift else clip[None]
-        return {"frames": torch.from_numpy(frames), "draws": self.triplet.draw(*clip.shape[:3], rng)}
-
-
-def collate_frames(batch: list[dict]) -> dict:
-    """default_collate, except that the device path's frames stay a list: videos differ in size."""
-    frames = [sample["views"].pop("frames") for sample in batch]
-    out = torch.utils.data.default_collate(batch)
-    out["views"]["frames"] = frames
-    return out
-
-
-class ClipTransform:
-    """One normalised view (C, T, size, size) for fine-tuning and retrieval.
-
-    train: b (random crop, colour jitter, and a flip if `flip`); test: the centred square of side 7/8 of the short
-    side, resized to size x size (deterministic, rng unused). data.py decodes at a short side of
-    8/7 x size, so this is the usual 112-of-128 centre crop with no resampling.
-    """
-
-    def __init__(self, size: int = 112, train: bool = True, flip: bool = True,
-                 crop_scale: tuple[float, float] = (0.3, 1.0)):
-        self.size, self.train, self.flip = size, train, flip
-        self.b = BasicAugment(size, crop_scale) if train else None
-
-    def __call__(self, clip: np.ndarray, shifted: np.ndarray | None = None,
-                 rng: np.random.Generator | None = None) -> Tensor:
-        check_frames(clip, "clip")
-        if self.b is not None:
-            if rng is None:
-                raise ValueError("ClipTransform(train=True) draws its crop from rng; got rng=None")
-            return normalise_(self.b(clip, rng, self.flip and rng.random() < 0.5))
-        _, H, W, _ = clip.shape
-        side = round(min(H, W) * 7 / 8)
-        return normalise_(resize_crop(clip, ((H - side) // 2, (W - side) // 2, side, side), self.size))
-
-
-# ---- flags and DataLoader workers ----------------------------------------------
-
-def add_augment_args(parser: argparse.ArgumentParser) -> None:
-    """The disturbance flags of the stage scripts (paper: Spatial / Temporal Local Disturbance)."""
-    group = parser.add_argument_group("augmentation (paper: Spatial and Temporal Local Disturbance)")
-    group.add_argument("--tps-points", type=int, default=5, help="TPS destination grid, points per side (default: 5)")
-    group.add_argument("--tps-offset", type=float, default=0.1,
-                       help="TPS offset C as a fraction of the frame size (default: 0.1)")
-    group.add_argument("--flow-max", type=float, default=5.0, help="M: flow scale phi(t) ~ U[0, M] (default: 5)")
-    group.add_argument("--flow-scale", type=float, default=1.0,
-                       help="compute Farneback flow at this fraction of the crop size and upsample it (default: 1.0)")
-    group.add_argument("--flow-padding", choices=("border", "zeros"), default="border",
-                       help="flow scaling's samples from outside the frame: repeat the border, or black as the "
-                            "paper shows it (default: border)")
-
+# ---- DataLoader workers ---------------------------------------------------------
 
 def worker_init(worker_id: int) -> None:
     """DataLoader workers run one thread each: torch sets its own, OpenCV's must be set here."""
@@ -680,41 +638,24 @@ def worker_init(worker_id: int) -> None:
 
 # ---- python augment.py --show VIDEO OUT.png --------------------------------------
 
-def decode_video(path: str) -> np.ndarray:
-    """All frames of a video as uint8 (N, H, W, 3), decoded with PyAV."""
-    import av  # only the picture tool decodes here; training decodes in data.py
-
-    try:
-        with av.open(path) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except (av.FFmpegError, IndexError) as e:
-        raise SystemExit(f"cannot decode {path}: {e}")
-    if not frames:
-        raise SystemExit(f"{path} has no video frames")
-    return np.stack(frames)
-
-
 def save_strip(views: Tensor, path: str, labels: tuple[str, ...]) -> None:
     """Write (V, C, T, S, S) normalised views as a PNG: one row per view, one column per frame."""
-    from PIL import Image, ImageDraw
-
     mean, std = torch.tensor(MEAN).view(3, 1, 1, 1), torch.tensor(STD).view(3, 1, 1, 1)
     pixels = ((views * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # (V, C, T, S, S)
     V, _, T, S, _ = pixels.shape
     margin = 16  # room for the row label
     canvas = np.full((V * S, margin + T * S, 3), 255, np.uint8)
     canvas[:, margin:] = pixels.permute(0, 3, 2, 4, 1).reshape(V * S, T * S, 3).numpy()
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
     for row, label in enumerate(labels):
-        draw.text((4, row * S + S // 2 - 6), label, fill=(0, 0, 0))
-    image.save(path)
+        cv2.putText(canvas, label, (3, row * S + S // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.imwrite(path, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
 
 
 def main() -> None:
+    import data  # the picture shows the frames training decodes: data.py's, at its short side
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--show", nargs=2, metavar=("VIDEO", "OUT_PNG"), required=True,
-                        help="video file to decode (all frames, with PyAV) and PNG to write")
+    parser.add_argument("--show", nargs=2, metavar=("VIDEO", "OUT_PNG"), required=True, help="video file and PNG to write")
     parser.add_argument("--size", type=int, default=112, help="output side in pixels (default: 112)")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip T (default: 8)")
     parser.add_argument("--stride", type=int, default=4, help="temporal stride between frames (default: 4)")
@@ -722,23 +663,23 @@ def main() -> None:
     parser.add_argument("--tau", type=int, default=10, help="temporal shift of the negative, Eq. 4 (default: 10)")
     parser.add_argument("--positive", choices=POSITIVES, default="tps", help="positive view (default: tps)")
     parser.add_argument("--negative", choices=NEGATIVES, default="disturb", help="negative view (default: disturb)")
-    add_augment_args(parser)
+    parser.add_argument("--flow-max", type=float, default=5.0, help="M: phi(t) ~ U[0, M] (Eq. 3; default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator (default: 0)")
     args = parser.parse_args()
     video, out = args.show
-    if not os.path.isfile(video):
-        parser.error(f"no such video file: {video}")
     if args.frames < 2 or args.stride < 1 or args.tau < 0:
         parser.error("need --frames >= 2, --stride >= 1 and --tau >= 0")
-
-    transform = DSMTriplet(args.size, args.positive, args.negative, args.tps_points, args.tps_offset,
-                           args.flow_max, args.flow_scale, flow_padding=args.flow_padding)
-    frames = decode_video(video)
-    anchor = [(args.start + i * args.stride) % len(frames) for i in range(args.frames)]
-    shifted = [(i + args.tau) % len(frames) for i in anchor]  # Eq. 4, looping past the end
-    views = transform(frames[anchor], frames[shifted], np.random.default_rng(args.seed))
+    files = data.VideoFiles([data.VideoRecord(video, 0)], data.short_side_for(args.size))
+    anchor = lambda n: data.temporal_indices(n, args.start, args.frames, args.stride)
+    try:
+        clip = files.read(0, anchor)
+        shifted = files.read(0, lambda n: data.temporal_indices(n, args.start + args.tau, args.frames, args.stride))
+    except data.BadVideo as error:
+        raise SystemExit(f"cannot show {video}: {error}")
+    transform = DSMTriplet(args.size, args.positive, args.negative, args.flow_max)
+    views = transform(clip, shifted, np.random.default_rng(args.seed))
     save_strip(views, out, ("a", "p", "n")[: len(views)])
-    print(f"wrote {out}: rows {('a', 'p', 'n')[: len(views)]}, {args.frames} frames of {video} ({len(frames)} decoded)")
+    print(f"wrote {out}: rows {('a', 'p', 'n')[: len(views)]}, {args.frames} frames of {video}")
 
 
 if __name__ == "__main__":

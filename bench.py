@@ -1,43 +1,80 @@
-"""Speed and memory of the hot paths, as ratios against their references.
+"""Speed and memory of the hot paths as ratios against their references, and the synthetic results.
 
-Every number is measured side by side in one run on this machine, so the ratios hold on
-a noisy shared machine where absolute times do not.
+Each ratio is timed side by side in one run, so it holds on a noisy shared machine where absolute
+times do not. `python bench.py WHICH --help` shows the flags of WHICH.
 
-    python bench.py augment     # TPS warp, flow-scaled negative, one triplet from a file
-    python bench.py data        # the data path at the paper's settings, stage by stage, per core; raw vs prepared
+    python bench.py augment     # TPS warp, flow-scaled negative, a triplet from a file, each against its reference
+    python bench.py data        # the paper's data path per core, stage by stage; seek vs sequential; raw vs prepared
     python bench.py flow        # torch Farneback against OpenCV's: end-point error and CPU time
-    python bench.py model       # forward+backward per clip and GFLOP/s for every arch
-    python bench.py train       # a DSM step against torchvision parts; the default run's speed
+    python bench.py model       # forward+backward per clip and GFLOP/s of every arch, against torchvision r3d_18
+    python bench.py train       # a DSM step against the same net built from torchvision's parts
     python bench.py retrieval   # blocked top-k against one matmul, and its memory
-    python bench.py crops       # how often the synthetic crop loses the moving object
-    python bench.py results     # the README's synthetic results table (every stage, hours)
+    python bench.py results     # the README's synthetic results table and its figure (every stage, hours)
     python bench.py gpu         # the CUDA paths on this machine's GPU, one table (about 5 minutes)
 """
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
+import av
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.video.resnet import BasicBlock, Conv3DSimple, VideoResNet, r3d_18
 
-def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of `fn()` in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+import augment
+import data
+import models
+import pretrain
+import retrieve
+
+BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {}  # name -> bench, filled section by section
+OWN_FLAGS: set[str] = set()  # benches that parse their own flags, --help included, from args.rest
+CPU = time.process_time  # every thread of the process (FFmpeg decodes with several), no neighbour's load
+PAPER_CLIPS = dict(clip_len=16, stride=4, shift=(2, 20))  # 16 x 4 frames, and the same tau ~ U[2, 20] later
 
 
-BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {}  # filled by each section below
+# ---- shared: clocks, the ratio lines, generated videos ----------------------
+def _seconds(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> tuple[float, object]:
+    t0 = clock()
+    out = fn()
+    return clock() - t0, out
 
-# ---- augment ---------------------------------------------------------------
-def _texture(shape: tuple[int, ...], sigma: float, seed: int = 0):
+
+def side_by_side(fn: Callable[[], object], reference: Callable[[], object], repeat: int,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """Medians of 2 x repeat + 1 timings of fn and of reference in alternation, so that a burst of load
+    hits both alike, after an untimed call of each (first calls fill caches)."""
+    fn(), reference()
+    pairs = [(_seconds(fn, clock)[0], _seconds(reference, clock)[0]) for _ in range(2 * repeat + 1)]
+    return float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
+
+
+def print_ratios(rows: list[tuple[str, str, float, float, str | None]]) -> None:
+    """A line per (what, reference, seconds, reference's seconds, target): "<= 1.2" caps the ratio, ">= 3" floors it."""
+    for what, reference, t, t_ref, target in rows:
+        op, bound = (target or "<= inf").split()
+        met = t / t_ref <= float(bound) if op == "<=" else t / t_ref >= float(bound)
+        print(f"{what:44s} {t * 1e3:9.2f} ms | {reference:34s} {t_ref * 1e3:9.2f} ms | {t / t_ref:5.2f}x"
+              + (f" (target {target}: {'ok' if met else 'MISSED'})" if target else ""))
+
+
+def _one_thread() -> None:
+    """One torch and one OpenCV thread, as torch gives each DataLoader worker: with two threads on a busy
+    small machine every op waits on a descheduled thread (~4-16 ms)."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _texture(shape: tuple[int, ...], sigma: float, seed: int = 0) -> np.ndarray:
     """uint8 smooth random texture (blurred noise stretched to 0-255): content every flow can follow."""
-    import cv2
-    import numpy as np
-
     texture = cv2.GaussianBlur(np.random.default_rng(seed).random(shape).astype(np.float32), (0, 0), sigma)
     return ((texture - texture.min()) / (texture.max() - texture.min()) * 255).astype(np.uint8)
 
@@ -47,9 +84,6 @@ def _moving_video(path: str, frames: int = 100, height: int = 240, width: int = 
     """Write a video of a smooth texture panning right with a bright square crossing it, with a
     keyframe every `keyint` frames (None: the encoder's default, 250 for x264), since where a seek
     can land decides what it saves."""
-    import av
-    import numpy as np
-
     texture = _texture((height, width + 2 * frames, 3), 4.0)
     with av.open(path, "w") as container:
         stream = container.add_stream(codec, rate=25)
@@ -63,578 +97,269 @@ def _moving_video(path: str, frames: int = 100, height: int = 240, width: int = 
         container.mux(stream.encode())
 
 
-def _clip_reader(path: str, indices: list[int], short_side: int) -> tuple[Callable[[], object], str]:
-    """A function decoding the frames `indices` of `path` once, with data.py's VideoFiles if present."""
-    try:
-        from data import VideoFiles, VideoRecord
-    except ImportError:
-        VideoFiles = None
-    if VideoFiles is not None:
-        files = VideoFiles([VideoRecord(path, 0)], short_side)
-        return lambda: files.read(0, lambda num_frames: indices), "data.VideoFiles decode"
-    import av
-    import numpy as np
-
-    def read():
-        frames = {}
-        with av.open(path) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i in indices:
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                if i >= max(indices):
-                    break
-        return np.stack([frames[i] for i in indices])
-
-    return read, "PyAV decode (no data.py)"
+def _record(path: str) -> dict:
+    """A run's figures: the last line of its log.jsonl (the final epoch), or its results.json."""
+    with open(path) as f:
+        return json.loads(f.read().strip().splitlines()[-1]) if path.endswith(".jsonl") else json.load(f)
 
 
-def side_by_side(fn: Callable[[], object], reference: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """Medians of fn and reference timed in alternation, so a burst of load hits both alike."""
-    import numpy as np
+def triplet_stages(path: str, size: int, samples: int) -> dict[str, float]:
+    """CPU seconds of one DSM triplet from the video `path` at crop `size`, medians over `samples` draws:
+    each stage (decoded by data.VideoFiles), the whole CPU path, the device path's worker share (decode,
+    draws, frames into shared memory), and decoding the same frames as data.py does (seeking) and from
+    frame 0 on, the file opened untimed for both so that only the decoding differs."""
+    triplet, files = augment.DSMTriplet(size), data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(size))
+    runs = []
+    for seed in range(samples):
+        rng, t = np.random.default_rng(seed), {}
+        draw_frames = lambda num_frames, rng=rng: data.train_indices(num_frames, **PAPER_CLIPS, rng=rng)
+        t["decode"], frames = _seconds(lambda: files.read(0, draw_frames), CPU)
+        clip, shifted = frames[:16], frames[16:]
+        draws = triplet.draw(16, *clip.shape[1:3], rng)
+        flip, boxes, jitter = bool(draws["flip"]), draws["box"].tolist(), draws["jitter"].numpy()
+        t["b"], (_, p, n) = _seconds(lambda: [triplet.b.apply(f, tuple(box), j, flip)
+                                              for f, box, j in zip((clip, clip, shifted), boxes, jitter)], CPU)
+        t["s"], _ = _seconds(lambda: triplet.s.apply(p, draws["src"]), CPU)
+        t["Farneback"], flow = _seconds(lambda: augment.farneback_flow(n), CPU)
+        t["flow scaling"], _ = _seconds(lambda: augment.scale_motion(n, flow, draws["phi"]), CPU)
+        t["total"] = t["decode"] + _seconds(lambda: triplet.apply(clip, shifted, draws), CPU)[0]
+        to_device = augment.FramesAndDraws(triplet)
+        t["worker"] = t["decode"] + _seconds(
+            lambda: to_device(clip, shifted, np.random.default_rng(seed))["frames"].share_memory_(), CPU)[0]
+        for seek in (True, False):
+            with av.open(path) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"  # as data.VideoFiles decodes
+                wanted = sorted(set(draw_frames(stream.frames, np.random.default_rng(seed))))  # the same draw
+                where = (container, stream, wanted, stream.frames, data.short_side_for(size))
+                decode = lambda: data._decode(*where) if seek else data._scan(*where, seeked=False)
+                t["seek" if seek else "from frame 0"] = _seconds(decode, CPU)[0]
+        runs.append(t)
+    return {k: float(np.median([t[k] for t in runs])) for k in runs[0]}
 
-    timeit(fn, 1, warmup=3), timeit(reference, 1, warmup=3)
-    pairs = [(timeit(fn, 1, warmup=0), timeit(reference, 1, warmup=0)) for _ in range(2 * repeat + 1)]
-    return float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs]))
 
-
-def _video_rows(repeat: int, rng) -> list[tuple]:
-    """The flow-scaled negative and one whole triplet from a real video file, against their references."""
-    import os
-    import tempfile
-
-    import cv2
-    import torch
-
-    import augment
-
+# ---- augment ---------------------------------------------------------------
+def bench_augment(args: argparse.Namespace) -> None:
+    """TPS warp against a bare grid_sample with a ready grid and the flow-scaled negative against the raw
+    Farneback calls it makes (wall time in alternation), then one triplet from a 320x240 MPEG-4 file
+    against decoding its frames, alone and with their flow (triplet_stages); one thread, as in a worker."""
+    _one_thread()
+    rng = np.random.default_rng(0)
+    clip, warp = torch.rand(3, 16, 112, 112), augment.TPSWarp(112, 112)  # (C, T, H, W)
+    grid = warp.grid(warp.sample_src(rng))[None]
+    bare = lambda: F.grid_sample(clip.reshape(1, 48, 112, 112), grid, padding_mode="border", align_corners=False)
     with tempfile.TemporaryDirectory() as tmp:
         video = os.path.join(tmp, "moving.mp4")
         _moving_video(video)
-        anchor = [4 * i for i in range(16)]  # 16 x 4 clip, tau = 10 (Eq. 4)
-        decode, decoder = _clip_reader(video, anchor + [i + 10 for i in anchor], short_side=128)
-        frames = decode()  # (2T, H, W, 3): anchor then shifted frames
-        view = augment.BasicAugment(112, jitter=0.0)(frames[:16], rng)  # (C, T, 112, 112) real content
-        grey = augment.grey_uint8(view)
-        raw = lambda: [cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK) for t in range(15)]
-        phi = lambda: torch.from_numpy(rng.uniform(0, 5.0, size=15)).float()
-        negative = lambda: augment.scale_motion(view, augment.farneback_flow(view), phi())
-        triplet = augment.DSMTriplet(112)
-        decode_and_flow = lambda: (decode(), raw())
-
-        def sample():
-            both = decode()
-            return triplet(both[:16], both[16:], rng)
-
-        t_triplet, t_decode = side_by_side(sample, decode, repeat)
-        return [("flow-scaled negative 16x112x112", "raw Farneback calls", *side_by_side(negative, raw, repeat), 1.2),
-                (f"triplet, 320x240 mpeg4 at {frames.shape[1]}x{frames.shape[2]}", decoder, t_triplet, t_decode, None),
-                ("  same", "decode + raw Farneback", *side_by_side(sample, decode_and_flow, repeat), 2.0)]
-
-
-def bench_augment(args: argparse.Namespace) -> None:
-    """TPS warp, flow-scaled negative and one whole triplet, each against its reference and target ratio."""
-    import cv2
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    import augment
-
-    # Augmentations run inside DataLoader workers, which torch gives one thread each; with two
-    # threads on a busy small machine every torch op waits on a descheduled thread (~4-16 ms).
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    rng = np.random.default_rng(0)
-    clip = torch.rand(3, 16, 112, 112)  # (C, T, H, W)
-    warp = augment.TPSWarp(112, 112)
-    ready = warp.grid(warp.sample_src(rng))[None]
-    bare = lambda: F.grid_sample(clip.reshape(1, 48, 112, 112), ready, padding_mode="border", align_corners=False)
-    rows = [("TPS warp 3x16x112x112", "bare grid_sample", *side_by_side(lambda: warp(clip, rng), bare, args.repeat), 2.0)]
-    try:
-        import kornia  # noqa: F401
-        print("kornia is installed but not measured: compare by hand")
-    except ImportError:
-        print("kornia TPS: not installed, skipped")
-    rows += _video_rows(args.repeat, rng)
-    print(f"torch threads {torch.get_num_threads()}, cv2 threads {cv2.getNumThreads()}, "
-          f"medians of {2 * args.repeat + 1} alternating calls")
-    print(f"{'hot path':36s} {'reference':26s} {'ms':>7s} {'ref ms':>7s} {'ratio':>6s}  target")
-    for what, reference, t, t_ref, target in rows:
-        verdict = "" if target is None else f"<= {target:.1f} {'ok' if t / t_ref <= target else 'MISSED'}"
-        print(f"{what:36s} {reference:26s} {t * 1e3:7.2f} {t_ref * 1e3:7.2f} {t / t_ref:6.2f}  {verdict}")
+        frames = data.VideoFiles([data.VideoRecord(video, 0)], 128).read(0, lambda num_frames: list(range(0, 64, 4)))
+        m = triplet_stages(video, 112, args.repeat)
+    view = augment.BasicAugment(112, jitter=0.0)(frames, rng)  # (C, T, 112, 112) of real content
+    grey = augment.grey_uint8(view)
+    raw = lambda: [cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK) for t in range(15)]
+    phi = lambda: torch.from_numpy(rng.uniform(0, 5.0, size=15)).float()  # U[0, M] per step, M = 5 (Eq. 3)
+    negative = lambda: augment.scale_motion(view, augment.farneback_flow(view), phi())
+    print(f"1 torch and 1 OpenCV thread; wall time, medians of {2 * args.repeat + 1} alternating calls, then "
+          f"CPU time, medians of {args.repeat} samples")
+    print_ratios([("TPS warp 3x16x112x112", "bare grid_sample",
+                   *side_by_side(lambda: warp(clip, rng), bare, args.repeat), "<= 2"),
+                  ("flow-scaled negative 16x112x112", "raw Farneback calls", *side_by_side(negative, raw, args.repeat),
+                   "<= 1.2"),
+                  ("triplet, short side 128, crops 112", "its decode", m["total"], m["decode"], None),
+                  ("  same", "its decode + Farneback", m["total"], m["decode"] + m["Farneback"], "<= 2")])
 
 
 BENCHES["augment"] = bench_augment
 
 
 # ---- data ------------------------------------------------------------------
-def _paper_indices(num_frames: int, rng) -> list[int]:
-    """A training sample's frames at the paper's settings, as ClipDataset draws them: 16 x 4 anchor
-    frames, then the same frames tau ~ U[2, 20] later (Eq. 4)."""
-    import data
-
-    return data.train_indices(num_frames, 16, 4, (2, 20), rng)
-
-
-def _cpu_seconds(fn: Callable[[], object]) -> tuple[float, object]:
-    """CPU seconds of fn() over all the process's threads (FFmpeg decodes with several), and its result."""
-    t0 = time.process_time()
-    out = fn()
-    return time.process_time() - t0, out
-
-
-def _triplet_stages(path: str, size: int, seed: int) -> dict[str, float]:
-    """CPU seconds of each stage of one DSM triplet at crop `size` (decode with data.py, which seeks),
-    of the whole CPU path and of the device path's worker share (decode, draws, frames into shared
-    memory)."""
-    import numpy as np
-
-    import augment
-    import data
-
-    rng = np.random.default_rng(seed)
-    files = data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(size))
-    triplet = augment.DSMTriplet(size)
-    t = {}
-    t["decode"], frames = _cpu_seconds(lambda: files.read(0, lambda num_frames: _paper_indices(num_frames, rng)))
-    clip, shifted = frames[:16], frames[16:]
-    draws = triplet.draw(16, *clip.shape[1:3], rng)
-    flip, boxes, jitter = bool(draws["flip"]), draws["box"].tolist(), draws["jitter"].numpy()
-    t["b"], (a, p, n) = _cpu_seconds(lambda: [triplet.b.apply(f, tuple(box), j, flip)
-                                               for f, box, j in zip((clip, clip, shifted), boxes, jitter)])
-    t["s"], _ = _cpu_seconds(lambda: triplet.s.apply(p, draws["src"]))
-    t["Farneback"], flow = _cpu_seconds(lambda: augment.farneback_flow(n))
-    t["flow scaling"], _ = _cpu_seconds(lambda: augment.scale_motion(n, flow, draws["phi"]))
-    t["total"] = t["decode"] + _cpu_seconds(lambda: triplet.apply(clip, shifted, draws))[0]
-    to_device = augment.FramesAndDraws(triplet)
-    t["worker"] = t["decode"] + _cpu_seconds(
-        lambda: to_device(clip, shifted, np.random.default_rng(seed))["frames"].share_memory_())[0]
-    return t
-
-
-def _decode_seconds(path: str, wanted: list[int], short_side: int, seek: bool) -> float:
-    """CPU seconds to decode the frames `wanted` (sorted) as data.py does (seeking to the keyframe before
-    the first one when it is past SEEK_AFTER_SECONDS) or from the first frame on; the file is opened
-    untimed either way, so only the decoding differs."""
-    import av
-
-    import data
-
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # as data.VideoFiles decodes
-        if seek:
-            return _cpu_seconds(lambda: data._decode(container, stream, wanted, stream.frames, short_side))[0]
-        return _cpu_seconds(lambda: data._scan(container, stream, wanted, stream.frames, short_side, seeked=False))[0]
-
-
-def _seek_against_sequential(path: str, num_frames: int, size: int, seed: int) -> dict[str, float]:
-    """CPU seconds per needed frame of the sample `seed` of _triplet_stages (the same draws), decoded
-    with data.py's seek and from the first frame on, and its first needed frame."""
-    import numpy as np
-
-    import data
-
-    wanted = sorted(set(_paper_indices(num_frames, np.random.default_rng(seed))))
-    short_side = data.short_side_for(size)
-    return {"seek per frame": _decode_seconds(path, wanted, short_side, seek=True) / len(wanted),
-            "sequential per frame": _decode_seconds(path, wanted, short_side, seek=False) / len(wanted),
-            "first frame": wanted[0]}
-
-
-def _keyframes(path: str) -> list[int]:
-    """Indices of the keyframes of `path`, counted by decoding it, to check the encoder kept the interval."""
-    import av
-
-    with av.open(path) as container:
-        return [i for i, frame in enumerate(container.decode(video=0)) if frame.key_frame]
-
-
-def _device_batch_seconds(path: str, size: int, batch: int) -> float:
-    """Wall seconds per triplet of DSMTriplet.apply_batch on the CPU for `batch` decoded samples."""
-    import numpy as np
-
-    import augment
-    import data
-
-    files = data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(size))
-    to_device = augment.FramesAndDraws(augment.DSMTriplet(size))
-    samples = []
-    for seed in range(batch):
-        rng = np.random.default_rng(seed)
-        frames = files.read(0, lambda num: _paper_indices(num, rng))
-        samples.append({"views": to_device(frames[:16], frames[16:], rng), "index": seed})
-    views = augment.collate_frames(samples)["views"]
-    apply = lambda: to_device.triplet.apply_batch(views["frames"], views["draws"], "cpu")
-    return timeit(apply, repeat=1, warmup=0) / batch
-
-
-def _raw_against_prepared(repeat: int, frames: int = 250) -> dict[str, object]:
-    """CPU seconds per training sample's decode at the paper's setting (data.VideoFiles + data.ClipDataset:
-    16 x 4 frames, shift 2-20, short side 256 for crops of 224) on a generated 1280x720 H.264 video with
-    x264's defaults (keyint 250: one keyframe in `frames` = 250) and on its `data.prepare_video` copy
-    (short side 256, keyframe every 16), sample i drawing the same frames from both, timed in
-    alternation; and the CPU seconds that preparing it took."""
-    import os
-    import tempfile
-
-    import numpy as np
-
-    import data
-
+def _raw_against_prepared(repeat: int) -> tuple[float, float, float]:
+    """CPU seconds of a training sample's decode at the paper's setting (data.ClipDataset, short side 256
+    for crops of 224) from a generated 1280x720 H.264 video of 250 frames with x264's defaults (one
+    keyframe) and from its `data.prepare_video` copy (short side 256, a keyframe every 16), sample i
+    the same frames from both, in alternation; and what preparing the copy cost."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"raw": os.path.join(tmp, "raw.mp4"), "prepared": os.path.join(tmp, "prepared.mp4")}
-        _moving_video(paths["raw"], frames=frames, height=720, width=1280, codec="libx264")
-        prepare_cpu, _ = _cpu_seconds(lambda: data.prepare_video(paths["raw"], paths["prepared"], 256, 16))
-        datasets = {name: data.ClipDataset(data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(224)),
-                                           clip_len=16, stride=4, shift=(2, 20)) for name, path in paths.items()}
-        seconds = {name: [] for name in paths}
-        for i in range(repeat):
-            for name, dataset in datasets.items():
-                seconds[name].append(_cpu_seconds(lambda: dataset[i])[0])
-        out = {name: float(np.median(runs)) for name, runs in seconds.items()}
-        out["keyframes"] = {name: _keyframes(path) for name, path in paths.items()}
-        out["prepared size"] = tuple(datasets["prepared"][0]["views"].shape[2:4])  # (H, W) as decoded at 256
-    return {**out, "prepare": prepare_cpu, "frames": frames}
-
-
-def _print_raw_against_prepared(repeat: int) -> None:
-    m = _raw_against_prepared(repeat)
-    ratio = m["raw"] / m["prepared"]
-    print(f"raw against prepared: one training sample's decode (16 x 4 frames + shift 2-20, short side 256 for "
-          f"crops of 224, data.VideoFiles + ClipDataset), CPU ms per sample, median of {repeat} samples, the same "
-          f"frames from both files")
-    print(f"  raw 1280x720 H.264, {m['frames']} frames, keyframes at {m['keyframes']['raw']}: "
-          f"{m['raw'] * 1e3:.1f} ms per sample")
-    height, width = m["prepared size"]
-    print(f"  prepared {width}x{height} (data.py prepare --short-side 256 --keyframe-every 16), keyframes at "
-          f"{m['keyframes']['prepared'][:4]}...: {m['prepared'] * 1e3:.1f} ms per sample")
-    print(f"  ratio raw/prepared: {ratio:.1f}x (target >= 3: {'ok' if ratio >= 3 else 'MISSED'}); preparing this "
-          f"video once cost {m['prepare']:.2f} s CPU ({m['prepare'] / m['frames'] * 1e3:.1f} ms per frame)")
+        paths = [os.path.join(tmp, "raw.mp4"), os.path.join(tmp, "prepared.mp4")]
+        _moving_video(paths[0], frames=250, height=720, width=1280, codec="libx264")
+        prepare, _ = _seconds(lambda: data.prepare_video(paths[0], paths[1], 256, 16), CPU)
+        raw, prepared = (data.ClipDataset(data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(224)),
+                                          **PAPER_CLIPS) for path in paths)
+        seconds = [(_seconds(lambda: raw[i], CPU)[0], _seconds(lambda: prepared[i], CPU)[0]) for i in range(repeat)]
+    return *np.median(seconds, axis=0), prepare
 
 
 def bench_data(args: argparse.Namespace) -> None:
-    """The data path at the paper's settings (16 x 4 frames, shift 2-20, crops of 224 from a short side
-    of 256, and of 112 from 128), per triplet and per core: CPU seconds of each stage (medians over
-    --repeat samples of a generated 640x272 H.264 video, 300 frames, x264's default keyframe interval),
-    the device path's worker share against decoding alone, and decoding with data.py's seek against
-    decoding the same frames from the first one on, with a keyframe every 250 frames (where most seeks
-    land on frame 0) and every 25 (1 s, closer to many UCF101 and Kinetics encodes); last, a sample's decode
-    from a raw 1280x720 video against its `data.py prepare` copy (_raw_against_prepared)."""
-    import os
-    import tempfile
-
-    import cv2
-    import numpy as np
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    frames, sizes, seeds = 300, (224, 112), range(args.repeat)
+    """The data path at the paper's setting (16 x 4 frames, shift 2-20, crops of 224 from a short side of
+    256, and of 112 from 128) per core: triplet_stages on a generated 640x272 H.264 video of 300 frames
+    with a keyframe every 250 (x264's default: a seek lands on frame 0) and every 25 (1 s, as in many
+    UCF101 and Kinetics files); then a raw 1280x720 video against its `data.py prepare` copy."""
+    _one_thread()
+    stages = {}
     with tempfile.TemporaryDirectory() as tmp:
-        videos = {keyint: os.path.join(tmp, f"moving_{keyint}.mp4") for keyint in (250, 25)}
-        for keyint, video in videos.items():
-            _moving_video(video, frames=frames, height=272, width=640, codec="libx264", keyint=keyint)
-        keyframes = {keyint: _keyframes(video) for keyint, video in videos.items()}
-        rows = {size: [_triplet_stages(videos[250], size, seed) for seed in seeds] for size in sizes}
-        batch_224 = _device_batch_seconds(videos[250], 224, batch=4)
-        decodes = {(keyint, size): [_seek_against_sequential(video, frames, size, seed) for seed in seeds]
-                   for keyint, video in videos.items() for size in sizes}
-    medians = lambda runs: {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-    median = {size: medians(runs) for size, runs in rows.items()}
-    stages = ("decode", "b", "s", "Farneback", "flow scaling", "total")
-    print(f"one DSM triplet, 16 x 4 frames + shifted, 640x272 H.264, CPU ms per triplet (1 torch/OpenCV thread), "
-          f"median of {args.repeat} samples")
-    print(f"{'crop':>5} " + " ".join(f"{s:>12}" for s in stages) + f" {'triplets/s/core':>16}")
-    for size, m in median.items():
-        print(f"{size:>5} " + " ".join(f"{m[s] * 1e3:12.1f}" for s in stages) + f" {1 / m['total']:16.2f}")
-    print("keyframes, counted by decoding: " + "; ".join(f"every {k}: {at}" for k, at in keyframes.items()))
-    for (keyint, size), runs in decodes.items():
-        m = medians(runs)
-        print(f"decode per needed frame, keyframe every {keyint}, at {size}: "
-              f"data.py (seeks past 2 s) {m['seek per frame'] * 1e3:.2f} ms, sequential from frame 0 "
-              f"{m['sequential per frame'] * 1e3:.2f} ms: ratio {m['seek per frame'] / m['sequential per frame']:.2f} "
-              f"(first needed frame, median {m['first frame']:.0f} of {frames})")
-    m = median[224]
-    ratio = m["worker"] / m["decode"]
-    print(f"device path at 224, worker CPU per triplet (decode + draws + frames to shared memory): "
-          f"{m['worker'] * 1e3:.1f} ms vs decode alone {m['decode'] * 1e3:.1f} ms: {ratio:.2f}x "
-          f"(target <= 1.2: {'ok' if ratio <= 1.2 else 'MISSED'}); CPU path {m['total'] / m['decode']:.2f}x")
-    print(f"device path's augmentation (apply_batch) on this CPU, batch of 4 at 224: {batch_224 * 1e3:.0f} ms per "
-          f"triplet (informative: it is meant for the GPU)")
-    _print_raw_against_prepared(args.repeat)
+        for keyint in (250, 25):
+            _moving_video(os.path.join(tmp, f"{keyint}.mp4"), 300, 272, 640, codec="libx264", keyint=keyint)
+            for size in (224, 112):
+                stages[keyint, size] = triplet_stages(os.path.join(tmp, f"{keyint}.mp4"), size, args.repeat)
+    columns = ("decode", "b", "s", "Farneback", "flow scaling", "total")
+    print(f"one DSM triplet from 640x272 H.264, CPU ms, 1 torch/OpenCV thread, median of {args.repeat} samples")
+    print(f"{'keyframes':>9} {'crop':>5} " + " ".join(f"{c:>12}" for c in columns) + f" {'triplets/s/core':>16}")
+    for (keyint, size), m in stages.items():
+        print(f"{keyint:>9} {size:>5} " + " ".join(f"{m[c] * 1e3:12.1f}" for c in columns) + f" {1 / m['total']:16.2f}")
+    raw, prepared, prepare = _raw_against_prepared(args.repeat)
+    m = stages[250, 224]
+    print_ratios([("224: device path's worker (decode, draws)", "the decode alone", m["worker"], m["decode"], "<= 1.2"),
+                  ("224: CPU path (decode, b, s, t)", "the decode alone", m["total"], m["decode"], None)]
+                 + [(f"{size}: decode seeking, keyframe every {k}", "from frame 0", d["seek"], d["from frame 0"], None)
+                    for (k, size), d in stages.items()]
+                 + [("a sample from raw 1280x720 H.264", "from its prepared copy", raw, prepared, ">= 3")])
+    print(f"preparing the 250 frames once cost {prepare:.2f} s CPU ({prepare / 250 * 1e3:.1f} ms per frame)")
 
 
 BENCHES["data"] = bench_data
 
 
 # ---- flow ------------------------------------------------------------------
-def _flow_clips(size: int, T: int = 16) -> dict[str, "np.ndarray"]:
-    """Generated grey uint8 clips (T, size, size), not real footage: (a) a texture panning 2 px per
-    frame; (b) a textured square (a third of the frame) moving 3 px right and 2 px down per frame
-    over a still textured scene."""
-    import numpy as np
-
-    pan = _texture((size, size + 2 * T), 2.0, seed=0)
-    scene, patch = _texture((size, size), 2.0, seed=1), _texture((size // 3, size // 3), 1.5, seed=2)
-    obj = np.repeat(scene[None], T, axis=0)
-    for t in range(T):
-        y, x = size // 6 + 2 * t, size // 6 + 3 * t
-        obj[t, y:y + len(patch), x:x + len(patch)] = patch
-    return {"pan": np.stack([pan[:, 2 * (T - t): 2 * (T - t) + size] for t in range(T)]), "object": obj}
-
-
 def bench_flow(args: argparse.Namespace) -> None:
-    """augment.farneback_torch against cv2.calcOpticalFlowFarneback with the same parameters
-    (augment.FARNEBACK) on generated 16-frame clips: mean end-point error (px) over every pixel
-    of the 15 frame pairs, and CPU ms per clip on one thread (median of --repeat)."""
-    import cv2
-    import numpy as np
-
-    import augment
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    print(f"Farneback {augment.FARNEBACK}, 16-frame generated clips, 1 thread, median of {args.repeat}")
+    """augment.farneback_torch against cv2.calcOpticalFlowFarneback with the same parameters on generated
+    16-frame clips (a texture panning 2 px per frame; a textured square moving 3 px right and 2 down per
+    frame over a still one): mean end-point error over every pixel of the 15 frame pairs, and CPU ms per
+    clip on one thread, medians of 2 x --repeat + 1."""
+    _one_thread()
+    print(f"Farneback {augment.FARNEBACK}, 1 thread, medians of {2 * args.repeat + 1}")
     print(f"{'clip':>7} {'size':>5} {'|flow| px':>9} {'EPE px':>9} {'max EPE':>9} {'OpenCV ms':>10} {'torch ms':>9}")
     for size in (112, 224):
-        for name, grey in _flow_clips(size).items():
+        wide, patch = _texture((size, size + 32), 2.0, seed=0), _texture((size // 3, size // 3), 1.5, seed=2)
+        obj = np.repeat(_texture((size, size), 2.0, seed=1)[None], 16, axis=0)
+        for t in range(16):
+            y, x = size // 6 + 2 * t, size // 6 + 3 * t
+            obj[t, y:y + len(patch), x:x + len(patch)] = patch
+        pan = np.stack([wide[:, 32 - 2 * t: 32 - 2 * t + size] for t in range(16)])  # (T, size, size)
+        for name, grey in (("pan", pan), ("object", obj)):
             opencv = lambda: np.stack([cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK)
-                                       for t in range(len(grey) - 1)])
+                                       for t in range(15)])
             ours = lambda: augment.farneback_torch(torch.from_numpy(grey)[None].float(), **augment.FARNEBACK)[0]
-            theirs = torch.from_numpy(opencv()).permute(0, 3, 1, 2)
+            theirs = torch.from_numpy(opencv()).permute(0, 3, 1, 2)  # (T-1, 2, H, W) as ours
             epe = (ours() - theirs).norm(dim=1)
-            t_cv = np.median([_cpu_seconds(opencv)[0] for _ in range(args.repeat)])
-            t_torch = np.median([_cpu_seconds(ours)[0] for _ in range(args.repeat)])
+            t_torch, t_cv = side_by_side(ours, opencv, args.repeat, CPU)
             print(f"{name:>7} {size:>5} {theirs.norm(dim=1).mean():9.3f} {epe.mean():9.2e} {epe.max():9.2e} "
                   f"{t_cv * 1e3:10.1f} {t_torch * 1e3:9.1f}")
 
 
 BENCHES["flow"] = bench_flow
 
+
 # ---- model -----------------------------------------------------------------
-import torch
-import torchvision
-from torch.utils.flop_counter import FlopCounterMode
-
-import models
-
-PAPER_SIZE = {"c3d": "112", "i3d": "224", "r3d18": "112/224 (both common)", "r3d34": "224",
-              "mini": "ours (CPU default)"}
-
-
-def forward_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
-    """Forward FLOPs (2 x MACs, as FlopCounterMode counts) and output shape, on the meta
-    device so that even I3D at 224 costs no compute."""
-    model = model.to("meta")
-    with FlopCounterMode(display=False) as counter:
-        out = model(torch.empty(shape, device="meta"))
-    return counter.get_total_flops(), tuple(out.shape[1:])
-
-
 def bench_model(args: argparse.Namespace) -> None:
-    """Forward+backward per 16x112x112 clip on the CPU for every arch, as GFLOP/s next to
-    torchvision's r3d_18: the same work per FLOP should cost the same.
-
-    The nets take turns, one step each per round, and each keeps its fastest round: a load
-    spike from a neighbour then slows one round of every net, not all rounds of one."""
-    batch = 2
-    shape = (batch, 3, 16, 112, 112)
+    """Forward+backward per 16x112x112 clip on the CPU for every arch, as GFLOP/s next to torchvision's
+    r3d_18: the same work per FLOP should cost the same. The nets take turns, one step each per round,
+    and each keeps its fastest round: a neighbour's load spike then slows one round of every net, not
+    all of one. FLOPs (2 x multiply-adds) are counted on the meta device, so even c3d costs no compute."""
+    shape = (2, 3, 16, 112, 112)
     builders = {arch: lambda a=arch: models.Classifier(a, 400) for arch in models.ARCHS}
-    builders["torchvision r3d_18"] = lambda: torchvision.models.video.r3d_18(weights=None)
-    x = torch.randn(shape)
-    nets = {name: build().train() for name, build in builders.items()}
-    flops = {name: forward_flops(build(), shape)[0] for name, build in builders.items()}
+    builders["torchvision r3d_18"] = lambda: r3d_18(weights=None)
+    flops = {}
+    for name, build in builders.items():
+        with FlopCounterMode(display=False) as counter:
+            build().to("meta")(torch.empty(shape, device="meta"))
+        flops[name] = counter.get_total_flops() / shape[0]  # forward, per clip
+    nets, x = {name: build().train() for name, build in builders.items()}, torch.randn(shape)
     best = dict.fromkeys(nets, float("inf"))
     for round_ in range(args.repeat + 1):  # round 0 warms up
-        for name, model in nets.items():
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            model(x).sum().backward()
-            if round_ > 0:
-                best[name] = min(best[name], time.perf_counter() - t0)
-    ref = 3 * flops["torchvision r3d_18"] / best["torchvision r3d_18"]  # backward ~ 2 x forward
-    print(f"forward+backward, batch {batch}, 16x112x112, {torch.get_num_threads()} threads, "
-          f"fastest of {args.repeat} rounds")
+        for name, net in nets.items():
+            net.zero_grad(set_to_none=True)
+            seconds = _seconds(lambda: net(x).sum().backward())[0] / shape[0]
+            if round_:
+                best[name] = min(best[name], seconds)
+    rate = {name: 3 * flops[name] / best[name] for name in nets}  # backward ~ 2 x forward
+    print(f"forward+backward, batch {shape[0]}, {torch.get_num_threads()} threads, fastest of {args.repeat} rounds")
     print(f"{'network':<20} {'s/clip':>8} {'GFLOPs/clip':>12} {'GFLOP/s':>8} {'vs tv':>6}")
     for name in nets:
-        rate = 3 * flops[name] / best[name]
-        print(f"{name:<20} {best[name] / batch:>8.3f} {flops[name] / batch / 1e9:>12.2f} "
-              f"{rate / 1e9:>8.1f} {rate / ref:>6.2f}")
+        print(f"{name:<20} {best[name]:>8.3f} {flops[name] / 1e9:>12.2f} {rate[name] / 1e9:>8.1f} "
+              f"{rate[name] / rate['torchvision r3d_18']:>6.2f}")
 
 
 BENCHES["model"] = bench_model
-
-
-def bench_model_table(args: argparse.Namespace) -> None:
-    """The README's table of backbones: parameters, GFLOPs and last feature map per clip."""
-    print("| arch | params | GFLOPs 16x112 | GFLOPs 16x224 | map at 16x112 | map at 16x224 | paper input |")
-    print("|---|---|---|---|---|---|---|")
-    for arch in models.ARCHS:
-        with torch.device("meta"):
-            backbone = models.build_backbone(arch)
-        params = sum(p.numel() for p in backbone.parameters())
-        cells = [forward_flops(backbone, (1, 3, 16, s, s)) for s in (112, 224)]
-        gflops = [f"{flops / 1e9:.2f}" for flops, _ in cells]
-        maps = ["x".join(map(str, out)) for _, out in cells]
-        print(f"| {arch} | {params / 1e6:.2f} M | {' | '.join(gflops)} | {' | '.join(maps)} "
-              f"| {PAPER_SIZE[arch]} |")
-
-
-BENCHES["model-table"] = bench_model_table
 
 
 # ---- train -----------------------------------------------------------------
 def hara_r3d18_from_torchvision() -> torch.nn.Module:
     """models.build_backbone("r3d18") assembled from torchvision's video-ResNet parts: Hara's
     7x7x7 stem, BasicBlocks [2, 2, 2, 2], shortcut B, no pooling head."""
-    from torchvision.models.video.resnet import BasicBlock, Conv3DSimple, VideoResNet
-
     stem = torch.nn.Sequential(torch.nn.Conv3d(3, 64, 7, (1, 2, 2), 3, bias=False), torch.nn.BatchNorm3d(64),
                                torch.nn.ReLU(inplace=True), torch.nn.MaxPool3d(3, 2, 1))
     net = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [2, 2, 2, 2], lambda: stem)
-    net.avgpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
     backbone = torch.nn.Sequential(*list(net.children())[:5])  # stem, layer1..layer4
     backbone.out_channels = 512
     return backbone
 
 
-def time_dsm_steps(model: torch.nn.Module, views: torch.Tensor, steps: int) -> float:
-    """Seconds per DSM step (f_q forward+backward on a and n, f_k forward on p, SGD) on a fixed batch."""
-    import pretrain
-
-    args = pretrain.parse_args(["--loss", "both", "--moco-k", "64", "--batch-size", str(len(views))])
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    video = torch.arange(len(views))
-    return timeit(lambda: pretrain.train_step(model, views, video, optimizer, scaler, args, None), repeat=steps)
-
-
 def bench_train(args: argparse.Namespace) -> None:
-    """A DSM training step: our r3d18 against the same network from torchvision parts
-    (target: at most 1.1x its time), and the default `mini` run's clips/s and data wait."""
-    import pretrain
-
+    """A DSM training step (f_q forward+backward on a and n, f_k forward on p, SGD) on a fixed batch:
+    our r3d18 against the same network from torchvision's parts, in alternation."""
     torch.manual_seed(0)
     views = torch.randn(4, 3, 3, 8, 64, 64)  # (B, a/p/n, C, T, H, W)
-    ours = pretrain.DSM("r3d18", K=64)
-    theirs = pretrain.DSM("r3d18", K=64)
-    for encoder in (theirs.encoder_q, theirs.encoder_k):
-        encoder.backbone = hara_r3d18_from_torchvision()
-    theirs.encoder_k.load_state_dict(theirs.encoder_q.state_dict())
-    t_ours, t_theirs = (time_dsm_steps(m, views, args.repeat) for m in (ours, theirs))
-    print(f"DSM step, r3d18, batch 4 triplets of 8x64x64, {torch.get_num_threads()} threads, median of {args.repeat}")
-    print(f"  ours {t_ours:.3f} s | torchvision parts {t_theirs:.3f} s | ratio {t_ours / t_theirs:.2f} (target <= 1.1)")
-    print("default run (python pretrain.py: mini, synthetic 8x64x64, batch 16), 20 steps:")
-    for workers in (0, 2):
-        run = pretrain.parse_args(["--num-train", "320", "--workers", str(workers)])
-        loader = pretrain.pretrain_loader(run, rank=0, world=1)
-        model = pretrain.DSM(run.arch, K=run.moco_k, bn_splits=4)  # what a single-process run builds
-        optimizer = pretrain.make_optimizer(model.encoder_q.parameters(), run)
-        stats = pretrain.train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                                         run, 0, torch.device("cpu"))
-        print(f"  workers {workers}: {stats['clips_per_s']:.1f} triplets/s, data wait {stats['data_wait']:.0%}")
+    step_args = pretrain.parse_args(["--loss", "both", "--moco-k", "64", "--batch-size", str(len(views))])
+    steps, scaler = [], torch.amp.GradScaler("cpu", enabled=False)
+    for torchvision_parts in (False, True):
+        model = pretrain.DSM("r3d18", K=64)
+        if torchvision_parts:
+            for encoder in (model.encoder_q, model.encoder_k):
+                encoder.backbone = hara_r3d18_from_torchvision()
+            model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-3, momentum=0.9)
+        steps.append(lambda m=model, o=optimizer: pretrain.train_step(m, views, torch.arange(len(views)), o, scaler,
+                                                                      step_args, None))
+    print(f"wall time, {torch.get_num_threads()} threads, medians of {2 * args.repeat + 1} alternating steps")
+    print_ratios([("DSM step, r3d18, 4 triplets of 8x64x64", "the same from torchvision's parts",
+                   *side_by_side(*steps, args.repeat), "<= 1.1")])
 
 
 BENCHES["train"] = bench_train
 
 
-# ---- crops -----------------------------------------------------------------
-def object_in_crop(scale: tuple[float, float], views: int = 4000, size: int = 64) -> tuple[float, float]:
-    """Share of random resized crops of synthetic training frames that keep under half of the moving
-    object, and the mean share of the object they keep (boxes clipped to the frame)."""
-    import numpy as np
-
-    import augment
-    import data
-
-    side = data.short_side_for(size)
-    source = data.SyntheticVideos("train", 200, short_side=side)
-    b, rng = augment.BasicAugment(size, scale), np.random.default_rng(0)
-    kept = []
-    for _ in range(views):
-        i, t = int(rng.integers(len(source))), int(rng.integers(source.num_frames))
-        top, left, h, w = b.crop_box(side, side, rng)
-        x0, y0, x1, y1 = np.clip(source.box(i, t), 0, side)
-        inside = max(0, min(x1, left + w) - max(x0, left)) * max(0, min(y1, top + h) - max(y0, top))
-        kept.append(inside / max((x1 - x0) * (y1 - y0), 1e-9))
-    kept = np.array(kept)
-    return float((kept < 0.5).mean()), float(kept.mean())
-
-
-def bench_crops(args: argparse.Namespace) -> None:
-    """How often the synthetic default crop loses the moving object, for several crop scales: the
-    number behind `--crop-scale 0.6 1` on the synthetic data (the object is ~16 of 73 pixels)."""
-    print("crop area scale | views keeping < half the object | mean share of the object kept")
-    for scale in ((0.3, 1.0), (0.5, 1.0), (0.6, 1.0), (0.8, 1.0), (1.0, 1.0)):
-        lost, mean = object_in_crop(scale)
-        print(f"  {scale[0]:.1f}-{scale[1]:.1f}        | {lost:6.1%}                          | {mean:.1%}")
-
-
-BENCHES["crops"] = bench_crops
-
-
 # ---- retrieval -------------------------------------------------------------
-import json
-import math
-import os
-import subprocess
-import sys
-
-import torch
-
-OWN_FLAGS: set[str] = set()  # benches that parse the flags main() does not know, from args.rest
-
-
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
 def peak_memory_of(fn: Callable[[], object]) -> tuple[float, int]:
-    """Seconds of fn() and its peak resident memory above the start, in bytes. Linux's high-water
-    mark VmHWM is reset through /proc/self/clear_refs, so each call is measured on its own
-    (torch's allocator bypasses tracemalloc, and ru_maxrss never goes down)."""
+    """Seconds of fn() and its peak resident memory above the start, in bytes: Linux's high-water mark
+    VmHWM, reset through /proc/self/clear_refs so that each call is measured on its own (torch's
+    allocator bypasses tracemalloc, and ru_maxrss never goes down)."""
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start = _proc_status_bytes("VmRSS")
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0, _proc_status_bytes("VmHWM") - start
+    start = status("VmRSS")
+    return _seconds(fn)[0], status("VmHWM") - start
 
 
 def bench_retrieval(args: argparse.Namespace) -> None:
-    """retrieve.recall_at_k on UCF101-sized random features against one plain `query @ gallery.T`
-    of the same sizes (target: at most 1.3x its time, and never the N x M x D tensor). Each is timed once:
-    at these sizes one call is ~4 TFLOP. Flags: --gallery 10000 --queries 4000 --dim 50000."""
-    import retrieve
-
-    parser = argparse.ArgumentParser(prog="bench.py retrieval")
+    """retrieve.recall_at_k on UCF101-sized random features against one plain `query @ gallery.T` of the
+    same sizes, and never the N x M x D tensor. Each is timed once: at these sizes one call is ~4 TFLOP."""
+    parser = argparse.ArgumentParser(prog="bench.py retrieval", description=bench_retrieval.__doc__)
     parser.add_argument("--gallery", type=int, default=10000, help="gallery items M (default: 10000)")
     parser.add_argument("--queries", type=int, default=4000, help="queries N (default: 4000)")
     parser.add_argument("--dim", type=int, default=50000, help="feature size D (default: 50000)")
-    sizes = parser.parse_args(args.rest)
+    n = parser.parse_args(args.rest)
     generator = torch.Generator().manual_seed(0)
-    gallery, query = torch.empty(sizes.gallery, sizes.dim), torch.empty(sizes.queries, sizes.dim)
+    gallery, query = torch.empty(n.gallery, n.dim), torch.empty(n.queries, n.dim)
     for features in (gallery, query):  # filled in place, block by block: no second copy
         for i in range(0, len(features), 1000):
             features[i:i + 1000].normal_(generator=generator)
-    gallery_labels, query_labels = (torch.randint(101, (n,), generator=generator)
-                                    for n in (sizes.gallery, sizes.queries))
-    t_ours, mem_ours = peak_memory_of(lambda: retrieve.recall_at_k(query, query_labels, gallery, gallery_labels))
+    labels = [torch.randint(101, (size,), generator=generator) for size in (n.queries, n.gallery)]
+    t_ours, mem_ours = peak_memory_of(lambda: retrieve.recall_at_k(query, labels[0], gallery, labels[1]))
     t_ref, mem_ref = peak_memory_of(lambda: query @ gallery.T)
-    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
-    print(f"{sizes.queries} queries x {sizes.gallery} gallery x {sizes.dim}-d float32 (features "
-          f"{gib(4 * (sizes.queries + sizes.gallery) * sizes.dim)}), {torch.get_num_threads()} threads, one call each")
-    print(f"  recall_at_k (K = 1..50)    {t_ours:7.1f} s  peak +{gib(mem_ours)}")
-    print(f"  query @ gallery.T          {t_ref:7.1f} s  peak +{gib(mem_ref)}  (the full N x M matrix)")
-    print(f"  ratio {t_ours / t_ref:.2f} (target <= 1.3: {'ok' if t_ours / t_ref <= 1.3 else 'MISSED'}); "
-          f"the N x M x D tensor recall_at_k never allocates: {gib(4 * sizes.queries * sizes.gallery * sizes.dim)}")
+    gib = lambda size: f"{size / 2 ** 30:.2f} GiB"
+    print(f"{n.queries} queries x {n.gallery} gallery x {n.dim}-d float32 (features "
+          f"{gib(4 * (n.queries + n.gallery) * n.dim)}), {torch.get_num_threads()} threads, one call each")
+    print_ratios([("recall_at_k, K = 1..50", "query @ gallery.T", t_ours, t_ref, "<= 1.3")])
+    print(f"peak memory: recall_at_k +{gib(mem_ours)}, the N x M matrix +{gib(mem_ref)}; the N x M x D tensor "
+          f"that recall_at_k never allocates: {gib(4 * n.queries * n.gallery * n.dim)}")
 
 
 BENCHES["retrieval"] = bench_retrieval
 OWN_FLAGS.add("retrieval")
 
 
+# ---- results ---------------------------------------------------------------
 # row of the table: (folder, pretrain.py flags, or None for the rows that are not pretrained)
 RESULT_ROWS = {"random init": ("random", None), "supervised": ("supervised", None),
                "MoCo baseline": ("moco", ["--positive=none", "--negative=none"]),
@@ -662,22 +387,22 @@ def _results_stage(script: str, flags: list[str], out: str) -> None:
 
 
 def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]:
-    """Every run of one seed, then the table's cells of every row."""
-    out = os.path.join(opts.out, f"seed{seed}")
+    """Every run of one seed into OUT/seedS/<row>/..., then the table's cells of every row."""
     flag = lambda name, value: [] if value is None else [f"--{name}={value}"]
     shared = [f"--seed={seed}", f"--data-seed={seed}"]  # a new draw of the synthetic videos and of the run
     for name in RESULT_SHARED_FLAGS:
         shared += flag(name, getattr(opts, name.replace("-", "_")))
     finetune = [*shared, "--eval-train", "--resume", *flag("epochs", opts.finetune_epochs)]
-    pretrain = [*shared, "--resume", *flag("epochs", opts.pretrain_epochs), *flag("moco-k", opts.moco_k)]
-    folder = {row: os.path.join(out, name) for row, (name, _) in RESULT_ROWS.items()}
+    pretraining = [*shared, "--resume", *flag("epochs", opts.pretrain_epochs), *flag("moco-k", opts.moco_k)]
+    rows = RESULT_ROWS | ABLATION_ROWS
+    folder = {row: os.path.join(opts.out, f"seed{seed}", name) for row, (name, _) in rows.items()}
     # supervised = fine-tuning every weight from random init; its backbone is then probed like the others
     _results_stage("finetune.py", [*finetune, "--protocol=full", "--pretrained=none"],
                    os.path.join(folder["supervised"], "full"))
     backbone = {"random init": "none", "supervised": os.path.join(folder["supervised"], "full", "checkpoint.pth")}
     for row, (_, flags) in RESULT_ROWS.items():
         if flags is not None:
-            _results_stage("pretrain.py", [*pretrain, *flags], folder[row])
+            _results_stage("pretrain.py", [*pretraining, *flags], folder[row])
             backbone[row] = os.path.join(folder[row], "checkpoint.pth")
             _results_stage("finetune.py", [*finetune, "--protocol=full", f"--pretrained={backbone[row]}"],
                            os.path.join(folder[row], "full"))
@@ -685,39 +410,25 @@ def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str
         _results_stage("finetune.py", [*finetune, "--protocol=linear", f"--pretrained={path}"],
                        os.path.join(folder[row], "linear"))
         _results_stage("retrieve.py", [*shared, f"--pretrained={path}"], os.path.join(folder[row], "retrieve"))
-    rows = {}
-    for row in RESULT_ROWS:  # random init's kNN: the DSM run's report on its randomly initialised twin
+    for row, (_, flags) in ABLATION_ROWS.items():
+        _results_stage("pretrain.py", [*pretraining, *flags], folder[row])
+    cells = {}
+    for row in rows:
+        # random init: the DSM run's kNN report on its randomly initialised twin, and the supervised run's
+        # fine-tuning (fine-tuning from random init is what it is); supervised has no kNN monitor
         random_init = row == "random init"
-        knn = _knn_cells(folder["DSM"] if random_init else folder[row], random_init)
-        rows[row] = {**knn, **_results_row(folder[row], folder["supervised"])}
-    for row, (name, flags) in ABLATION_ROWS.items():
-        _results_stage("pretrain.py", [*pretrain, *flags], os.path.join(out, name))
-        rows[row] = _knn_cells(os.path.join(out, name))
-    return rows
-
-
-def _knn_cells(folder: str, random_init: bool = False) -> dict[str, float]:
-    """The kNN monitor's final motion and scene top-1 from a pretraining's log (or its random-init twin);
-    NaN where the row has no pretraining (supervised)."""
-    if not os.path.exists(os.path.join(folder, "log.jsonl")):
-        return {"kNN motion": math.nan, "kNN scene": math.nan}
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        last = json.loads(f.read().splitlines()[-1])
-    suffix = "_random_init" if random_init else ""
-    return {"kNN motion": last["knn_top1" + suffix], "kNN scene": last["knn_scene_top1" + suffix]}
-
-
-def _results_row(folder: str, supervised: str) -> dict[str, float]:
-    """The cells of one row, from its runs' results.json; fine-tuning a random init is the supervised run."""
-    def read(*path: str) -> dict:
-        with open(os.path.join(*path, "results.json")) as f:
-            return json.load(f)
-
-    linear, retrieval = read(folder, "linear"), read(folder, "retrieve")
-    full = read(folder if os.path.isdir(os.path.join(folder, "full")) else supervised, "full")
-    return {"linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
-            "fine-tune top-1": full["video_top1"], "fine-tune train top-1": full["train_video_top1"],
-            "R@1": retrieval["recall@1"], "R@5": retrieval["recall@5"]}
+        log = os.path.join(folder["DSM" if random_init else row], "log.jsonl")
+        last, twin = _record(log) if os.path.exists(log) else {}, "_random_init" if random_init else ""
+        cells[row] = {"kNN motion": last.get(f"knn_top1{twin}", np.nan),
+                      "kNN scene": last.get(f"knn_scene_top1{twin}", np.nan)}
+        if row in backbone:
+            full_of = "supervised" if random_init else row
+            linear, full, retrieval = (_record(os.path.join(folder[of], run, "results.json"))
+                                       for of, run in ((row, "linear"), (full_of, "full"), (row, "retrieve")))
+            cells[row] |= {"linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
+                           "fine-tune top-1": full["video_top1"], "fine-tune train top-1": full["train_video_top1"],
+                           "R@1": retrieval["recall@1"], "R@5": retrieval["recall@5"]}
+    return cells
 
 
 def _target_lines(per_seed: list[dict[str, dict[str, float]]], seeds: list[int]) -> list[str]:
@@ -732,46 +443,65 @@ def _target_lines(per_seed: list[dict[str, dict[str, float]]], seeds: list[int])
     return lines
 
 
+def plot_decoupling(per_seed: list[dict[str, dict[str, float]]], path: str) -> list[str]:
+    """kNN top-1 on the motion classes (x) against on the scene (y) for every row with a kNN monitor (not
+    supervised), mean +- sd over the seeds: learning motion instead of scene moves a row right and down.
+    Returns the rows drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # to a file, no display; before pyplot, which picks its backend on import
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    drawn = [row for row in per_seed[0] if not np.isnan([cells[row]["kNN motion"] for cells in per_seed]).any()]
+    for row in drawn:
+        xy = np.array([[cells[row]["kNN motion"], cells[row]["kNN scene"]] for cells in per_seed])  # (seeds, 2)
+        sd = xy.std(axis=0, ddof=1) if len(xy) > 1 else np.zeros(2)
+        ax.errorbar(*xy.mean(axis=0), xerr=sd[0], yerr=sd[1], fmt="o" if row in RESULT_ROWS else "s", capsize=3,
+                    label=row)  # squares: the Table 4 ablation
+    ax.set(xlabel="kNN top-1, motion classes (%)", ylabel="kNN top-1, scene (%)",
+           title=f"Motion against scene, mean ± sd over {len(per_seed)} seed(s)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return drawn
+
+
 def bench_results(args: argparse.Namespace) -> None:
-    """The README's synthetic results table: rows random init, supervised, MoCo baseline,
-    DSM (Triplet), DSM, then the miniature of Table 4 (pretraining and its kNN only); columns the
-    pretraining's kNN top-1 on the motion classes and on the scene, video top-1 (%) of the linear
-    probe and of fine-tuning on the scene-independent test split and on the scene-biased train
-    split, retrieval R@1 and R@5. Seed S draws both the synthetic videos and the runs.
-    Every run lands in OUT/seedS/<row>/...; a finished run is not run again, so a killed table
-    resumes. Prints the markdown table and the targets (a lead of TARGET_LEAD points on every seed),
-    and writes both to OUT/table.md.
+    """The README's synthetic results table: rows random init, supervised, MoCo baseline, DSM (Triplet),
+    DSM, then the miniature of Table 4 (pretraining and its kNN only); columns the pretraining's kNN
+    top-1 on the motion classes and on the scene, video top-1 (%) of the linear probe and of fine-tuning
+    on the scene-independent test split and on the scene-biased train split, retrieval R@1 and R@5.
+    Seed S draws both the synthetic videos and the runs, which land in OUT/seedS/<row>/...; a finished
+    run is not run again, so a killed table resumes. Prints the markdown table and the targets (a lead
+    of TARGET_LEAD points on every seed), writes both to OUT/table.md, and the figure to --figure.
 
-        python bench.py results                                   # the full table: 21 runs per seed, each 4-8 min on 2 cores
-        python bench.py results --seeds 0 1 2                     # mean +- std over three seeds
-        python bench.py results --pretrain-epochs 1 --finetune-epochs 1 --num-train 32 --num-test 16 \\
-            --size 32 --clip-len 4 --batch-size 8 --moco-k 16 --out runs/results_smoke   # smoke test
-        python bench.py results -- --help                         # these flags
+        python bench.py results                  # the full table: 21 runs per seed, each 4-8 min on 2 cores
+        python bench.py results --seeds 0 1 2    # mean +- std over three seeds
+        python bench.py results --pretrain-epochs 1 --finetune-epochs 1 --num-train 32 --num-test 16 --size 32 \\
+            --clip-len 4 --batch-size 8 --moco-k 16 --out /tmp/results_smoke --figure /tmp/results_smoke.png  # smoke
     """
-    import numpy as np
-
-    parser = argparse.ArgumentParser(prog="bench.py results")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="one table per seed, then mean +- std (default: 0)")
-    parser.add_argument("--pretrain-epochs", type=int, default=None,
+    parser = argparse.ArgumentParser(prog="bench.py results", description=bench_results.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a table each, then mean +- std (default: 0)")
+    parser.add_argument("--pretrain-epochs", type=int,
                         help="every pretraining (default: pretrain.py's, 6 on synthetic)")
-    parser.add_argument("--finetune-epochs", type=int, default=None,
-                        help="every probe and fine-tuning (default: finetune.py's, 12)")
+    parser.add_argument("--finetune-epochs", type=int, help="every probe and fine-tuning (default: finetune.py's, 12)")
     parser.add_argument("--out", default="runs/results", help="run folder (default: runs/results)")
-    parser.add_argument("--moco-k", type=int, default=None,
-                        help="queue length of every pretraining (default: pretrain.py's)")
+    parser.add_argument("--figure", default="docs/decoupling.png", help="the figure (default: docs/decoupling.png)")
+    parser.add_argument("--moco-k", type=int, help="queue length of every pretraining (default: pretrain.py's)")
     for name in RESULT_SHARED_FLAGS:
-        parser.add_argument(f"--{name}", type=int, default=None, help="passed to every stage (default: the stage's own)")
+        parser.add_argument(f"--{name}", type=int, help="passed to every stage (default: the stage's own)")
     opts = parser.parse_args(args.rest)
     per_seed = [_results_one_seed(opts, seed) for seed in opts.seeds]
-    columns = list(next(iter(per_seed[0].values())))
+    columns = list(per_seed[0]["random init"])
     cell = lambda values: "—" if np.isnan(values).any() else \
         f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
     lines = [f"| | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for row in per_seed[0]:
-        lines.append(f"| {row} | " + " | ".join(cell([seed[row].get(c, math.nan) for seed in per_seed])
+        lines.append(f"| {row} | " + " | ".join(cell([cells[row].get(c, np.nan) for cells in per_seed])
                                                 for c in columns) + " |")
-    config = {k: v for k, v in vars(opts).items() if v is not None and k != "out"}
+    config = {k: v for k, v in vars(opts).items() if v is not None and k not in ("out", "figure")}
     table = "\n".join([f"Synthetic scene/motion data, video top-1 and Recall@K in %, {config}.", "",
                        *lines, "", "Fine-tuning from random init is the supervised run: the two rows share it.", "",
                        f"Targets, a lead of at least {TARGET_LEAD:.0f} points on every seed:",
@@ -780,6 +510,8 @@ def bench_results(args: argparse.Namespace) -> None:
     with open(os.path.join(opts.out, "table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    plot_decoupling(per_seed, opts.figure)
+    print(f"-> {os.path.join(opts.out, 'table.md')}, {opts.figure}")
 
 
 BENCHES["results"] = bench_results
@@ -852,9 +584,7 @@ def _gpu_stage(command: list[str], out: str, log: str) -> dict:
     row = {"wall_s": time.perf_counter() - t0}
     if proc.returncode != 0:
         return {**row, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
-    with open(os.path.join(out, log)) as f:
-        record = json.loads(f.read().strip().splitlines()[-1]) if log.endswith(".jsonl") else json.load(f)
-    return {**row, **{k: v for k, v in record.items() if k != "args"}}
+    return {**row, **{k: v for k, v in _record(os.path.join(out, log)).items() if k != "args"}}
 
 
 def _gpu_commands(layout: list[str], workers: int, out: str, paper: list[str] = GPU_PAPER,
@@ -862,7 +592,7 @@ def _gpu_commands(layout: list[str], workers: int, out: str, paper: list[str] = 
     """Every run of the GPU check: row name -> (command, run folder, the file its figures are read from).
     The queue must be shorter than the training set (96 videos: 12 steps an epoch)."""
     pretrain = [sys.executable, "pretrain.py", *layout, *paper, "--moco-k", str(queue), "--epochs", "2",
-                "--bn-splits", "1", "--knn-every", "0", "--workers", str(workers)]
+                "--knn-every", "0", "--workers", str(workers)]
     settings = {"fp32": [], "fp32 channels-last": ["--channels-last"], "amp": ["--amp"],
                 "amp channels-last": ["--amp", "--channels-last"],
                 "amp channels-last, b/s/t on CPU": ["--amp", "--channels-last", "--augment-device", "cpu"]}
@@ -936,11 +666,12 @@ OWN_FLAGS.add("gpu")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=sorted(BENCHES), help="which hot path to measure")
+    parser.add_argument("which", choices=sorted(BENCHES), help="which bench to run")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions, median reported (default: 5)")
-    args, args.rest = parser.parse_known_args()  # the rest: flags of the benches in OWN_FLAGS
-    if args.rest and args.which not in OWN_FLAGS:
-        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
+    argv = sys.argv[1:]
+    own = bool(argv) and argv[0] in OWN_FLAGS  # it parses what follows its name, --help included
+    args = parser.parse_args(argv[:1] if own else argv)
+    args.rest = argv[1:] if own else []
     BENCHES[args.which](args)
 
 

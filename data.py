@@ -1,27 +1,14 @@
-"""Data stage of DSM: which frames make a clip, read from video files or drawn on the fly.
+"""Data stage of DSM: which frames make a clip (T frames at a stride, paper 16 x 4), the temporal shift of
+the negative (Eq. 4), the 10 test clips per video; videos named by UCF101, HMDB51, Kinetics-400 or plain-list
+split files and decoded with PyAV, or drawn on the fly (a synthetic dataset whose classes are motions); and
+`prepare`, which re-encodes a dataset once at training size with a keyframe every 16 frames (README, "Datasets").
+Augmentation (augment.py) comes after: ClipDataset calls `transform(clip, shifted, rng)` on uint8 (T, H, W, 3).
 
-Implements the input side of the paper's Methodology and Implementation Details:
-  * a clip is T = 16 frames at temporal stride 4 ("Default Settings"); a training clip starts
-    where it fits in the video, and only a video shorter than one clip loops;
-  * Temporal Shift (Eq. 4): the negative n takes the frames tau later than the anchor a,
-    tau ~ U[alpha1, alpha2], looping from the beginning when it runs past the end;
-  * the fine-tuning test protocol: 10 clips spaced uniformly over each video;
-  * the split files of UCF101, HMDB51, Kinetics-400 and plain lists, as distributed;
-  * PyAV decoding that opens a file once and decodes only up to the frames a sample needs;
-  * the built-in synthetic scene/motion dataset: the classes are motions,
-    the scenes are backgrounds that agree with the class only in the training split;
-  * `prepare`: a dataset re-encoded once at the short side training decodes at, with a keyframe
-    every 16 frames, so that each sample decodes few, small frames (README, "Speed").
-
-Augmentation comes after this stage (augment.py): ClipDataset takes it as a callable
-`transform(clip, shifted, rng)` on uint8 `(T, H, W, 3)` arrays.
-
-    python data.py make-synthetic OUT      # the synthetic dataset as UCF101-style files
-    python data.py make-synthetic --help   # sizes, seed, scene bias
-    python data.py prepare SRC DST --short-side 256   # re-encode a dataset once: smaller, keyframe every 16
-    python data.py prepare --help          # keyframe interval, workers; then train with --root DST
+    python data.py make-synthetic OUT                  # the synthetic dataset as UCF101-style files
+    python data.py prepare SRC DST --short-side 256    # re-encode once, then train with --root DST
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -31,23 +18,21 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from fractions import Fraction
+from types import SimpleNamespace
 
 import av
 import numpy as np
 import torch
 from tqdm import tqdm
 
-DATASETS = ("synthetic", "ucf101", "hmdb51", "kinetics", "list")
-
-# Temporal-shift bounds (alpha1, alpha2) in frames (paper, Default Settings): Kinetics videos are
-# longer, so their shift is larger.
+# Temporal-shift bounds (alpha1, alpha2) in frames (Default Settings): Kinetics videos are longer.
 SHIFT_DEFAULTS: dict[str, tuple[int, int]] = {
-    "synthetic": (2, 20), "ucf101": (2, 20), "hmdb51": (2, 20), "list": (2, 20), "kinetics": (4, 30),
-}
-
-MAX_BAD_IN_A_ROW = 20     # consecutive bad videos before a sample gives up
+    "synthetic": (2, 20), "ucf101": (2, 20), "hmdb51": (2, 20), "kinetics": (4, 30), "list": (2, 20)}
 SEEK_AFTER_SECONDS = 2.0  # closer to the start than this, decoding from frame 0 beats a seek
 END_SLACK = 3             # headers that over-count by this many frames are padded, not "truncated"
+# Every file is written under NAME + PART_SUFFIX and renamed when complete: an interrupted run leaves no
+# half-written file under a real name, and, not being a video extension, a rerun never takes one for done.
+PART_SUFFIX = ".partial"
 
 
 def short_side_for(size: int) -> int:
@@ -71,36 +56,28 @@ def sample_shift(rng: np.random.Generator, alpha1: int, alpha2: int) -> int:
 
 
 def last_start(num_frames: int, clip_len: int, stride: int) -> int:
-    """The last start at which a clip, which covers (clip_len - 1) * stride + 1 frames, ends inside
-    the video (0 if none does)."""
+    """The last start at which a clip (span (clip_len - 1) * stride + 1) ends inside the video, else 0."""
     return max(num_frames - ((clip_len - 1) * stride + 1), 0)
 
 
 def train_indices(num_frames: int, clip_len: int, stride: int, shift: tuple[int, int] | None,
                   rng: np.random.Generator, static: bool = False) -> list[int]:
-    """A training sample's frames: the anchor clip, then, with shift = (alpha1, alpha2), the same
-    frames tau later (Eq. 4). A clip must not jump: it starts where it fits and only a too-short
-    video loops; the shifted frames loop past the end as the paper says. static (Fig. 1's
-    diagnostic): one random frame repeated, no motion at all."""
+    """The anchor clip, then with shift = (alpha1, alpha2) its frames tau later (Eq. 4); static (Fig. 1): one
+    random frame repeated, no motion at all."""
     if static:
         anchor = [int(rng.integers(num_frames))] * clip_len
-    else:
-        anchor = temporal_indices(num_frames, int(rng.integers(last_start(num_frames, clip_len, stride) + 1)),
-                                  clip_len, stride)
+    else:  # a clip never jumps: it starts where it fits
+        start = int(rng.integers(last_start(num_frames, clip_len, stride) + 1))
+        anchor = temporal_indices(num_frames, start, clip_len, stride)
     if shift is None:
         return anchor
     tau = sample_shift(rng, *shift)
-    return anchor + [(k + tau) % num_frames for k in anchor]  # Eq. 4, looping past the end
+    return anchor + [(k + tau) % num_frames for k in anchor]  # Eq. 4 loops past the end
 
 
 def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
-    """Starts of the num_clips test clips, spaced uniformly over the video.
-
-    A clip covers span = (clip_len - 1) * stride + 1 frames, so valid starts are
-    [0, num_frames - span]. Clip k starts at the centre of the k-th of num_clips equal parts of
-    that range (one clip: the central one). A video shorter than one span has no start but 0:
-    every clip starts at frame 0 and loops, i.e. the same clip num_clips times.
-    """
+    """Clip k starts at the centre of the k-th of num_clips equal parts of the valid starts (one clip: the
+    central one); a video shorter than one clip has only 0, so every clip loops from there."""
     assert num_frames > 0 and num_clips > 0, (num_frames, num_clips)
     free = last_start(num_frames, clip_len, stride)
     return [(2 * k + 1) * free // (2 * num_clips) for k in range(num_clips)]
@@ -121,28 +98,20 @@ def _lines(path: str) -> list[tuple[int, str]]:
 
 
 def _pair(text: str, where: str, at_first_space: bool = False) -> tuple[str, str]:
-    """'A B' split at its last (or first) space; a clear error for a line without two fields."""
     parts = text.split(maxsplit=1) if at_first_space else text.rsplit(maxsplit=1)
     if len(parts) != 2:
         raise ValueError(f"{where}: expected two fields, got {text!r}")
     return parts[0], parts[1]
 
 
-def _check_split(split: int) -> None:
-    if split not in (1, 2, 3):
-        raise ValueError(f"split must be 1, 2 or 3, got {split}")
-
-
 def read_ucf101(root: str, split_dir: str, split: int, train: bool) -> tuple[list[VideoRecord], list[str]]:
     """UCF101: classInd.txt '1 ApplyEyeMakeup'; trainlist0S.txt 'Class/v_..avi 1'; testlist0S.txt 'Class/v_..avi'."""
-    _check_split(split)
     class_file = os.path.join(split_dir, "classInd.txt")
-    pairs = [_pair(text, f"{class_file}:{n}", at_first_space=True) for n, text in _lines(class_file)]
-    numbered = sorted((int(num), name) for num, name in pairs)
+    numbered = sorted((int(num), name) for num, name in
+                      (_pair(text, f"{class_file}:{n}", at_first_space=True) for n, text in _lines(class_file)))
     if [num for num, _ in numbered] != list(range(1, len(numbered) + 1)):
         raise ValueError(f"{class_file}: class numbers are not 1..{len(numbered)}")
-    classes = [name for _, name in numbered]
-    index = {name: k for k, name in enumerate(classes)}
+    index = {name: k for k, (_, name) in enumerate(numbered)}
     list_file = os.path.join(split_dir, f"{'train' if train else 'test'}list0{split}.txt")
     records = []
     for n, text in _lines(list_file):
@@ -153,17 +122,15 @@ def read_ucf101(root: str, split_dir: str, split: int, train: bool) -> tuple[lis
         if given and int(given[0]) - 1 != index[cls]:
             raise ValueError(f"{list_file}:{n}: label {given[0]} disagrees with classInd's {index[cls] + 1} for {cls}")
         records.append(VideoRecord(os.path.join(root, rel), index[cls]))
-    return records, classes
+    return records, list(index)
 
 
 def read_hmdb51(root: str, split_dir: str, split: int, train: bool) -> tuple[list[VideoRecord], list[str]]:
     """HMDB51: <class>_test_split<S>.txt lines '<name>.avi T', T = 1 train, 2 test, 0 unused."""
-    _check_split(split)
     pattern = re.compile(rf"^(.+)_test_split{split}\.txt$")
     classes = sorted(m.group(1) for m in map(pattern.match, os.listdir(split_dir)) if m)
     if not classes:
         raise FileNotFoundError(f"no *_test_split{split}.txt files in {split_dir}")
-    wanted = "1" if train else "2"
     records = []
     for label, cls in enumerate(classes):
         split_file = os.path.join(split_dir, f"{cls}_test_split{split}.txt")
@@ -171,19 +138,9 @@ def read_hmdb51(root: str, split_dir: str, split: int, train: bool) -> tuple[lis
             name, tag = _pair(text, f"{split_file}:{n}")
             if tag not in ("0", "1", "2"):
                 raise ValueError(f"{split_file}:{n}: split tag {tag!r} is not 0, 1 or 2")
-            if tag == wanted:
+            if tag == ("1" if train else "2"):
                 records.append(VideoRecord(os.path.join(root, cls, name), label))
     return records, classes
-
-
-def _kinetics_path(root: str, row: dict[str, str]) -> str:
-    """The first of ROOT/<split>/<label>/<id>_<start:06d>_<end:06d>.mp4 or <id>.mp4 that exists
-    (label folders with spaces or underscores); the canonical name when none does."""
-    stem = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
-    candidates = [os.path.join(root, row["split"], folder, name + ".mp4")
-                  for folder in (row["label"], row["label"].replace(" ", "_"))
-                  for name in (stem, row["youtube_id"])]
-    return next((path for path in candidates if os.path.exists(path)), candidates[0])
 
 
 def _kinetics_rows(csv_path: str) -> list[dict[str, str]]:
@@ -197,18 +154,22 @@ def _kinetics_rows(csv_path: str) -> list[dict[str, str]]:
 
 def read_kinetics(root: str, csv_path: str, train: bool,
                   classes: list[str] | None = None) -> tuple[list[VideoRecord], list[str]]:
-    """Kinetics-400 CSV 'label,youtube_id,time_start,time_end,split'; rows with split 'train', or
-    'val'/'validate'/'test' for train=False. Classes: `classes`, else the CSV's labels sorted."""
+    """Kinetics-400 CSV 'label,youtube_id,time_start,time_end,split', rows 'train' or, for train=False,
+    'val'/'validate'/'test'. A video is the first of ROOT/<split>/<label>/<id>_<start:06d>_<end:06d>.mp4
+    or <id>.mp4 that exists, label folders with spaces or underscores. Classes: `classes`, else the CSV's."""
     rows = _kinetics_rows(csv_path)
     classes = classes or sorted({row["label"] for row in rows})
     index = {name: k for k, name in enumerate(classes)}
-    keep = {"train"} if train else {"val", "validate", "test"}
     records = []
     for n, row in enumerate(rows, 2):
-        if row["split"] in keep:
-            if row["label"] not in index:
-                raise ValueError(f"{csv_path}:{n}: label {row['label']!r} is not a training class")
-            records.append(VideoRecord(_kinetics_path(root, row), index[row["label"]]))
+        if row["split"] not in ({"train"} if train else {"val", "validate", "test"}):
+            continue
+        if row["label"] not in index:
+            raise ValueError(f"{csv_path}:{n}: label {row['label']!r} is not a training class")
+        stem = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}"
+        paths = [os.path.join(root, row["split"], folder, name + ".mp4")
+                 for folder in (row["label"], row["label"].replace(" ", "_")) for name in (stem, row["youtube_id"])]
+        records.append(VideoRecord(next((p for p in paths if os.path.exists(p)), paths[0]), index[row["label"]]))
     return records, classes
 
 
@@ -220,31 +181,27 @@ def read_list(root: str, list_file: str) -> tuple[list[VideoRecord], list[str]]:
         if not label.isdigit():
             raise ValueError(f"{list_file}:{n}: label {label!r} is not a non-negative integer")
         records.append(VideoRecord(os.path.join(root, rel), int(label)))
-    classes = [str(k) for k in range(max((r.label for r in records), default=-1) + 1)]
-    return records, classes
+    return records, [str(k) for k in range(max((r.label for r in records), default=-1) + 1)]
 
 
 def build_records(dataset: str, root: str, split_dir: str, split: int,
                   train: bool) -> tuple[list[VideoRecord], list[str]]:
-    """Records of one split, after checking that every video it names is on disk.
-
-    kinetics: SPLIT_DIR/train.csv, and validate.csv (official name) or val.csv; the classes are
-    always train.csv's. list: SPLIT_DIR/trainlist.txt or testlist.txt.
-    """
+    """Records of one split, after checking that every video it names is on disk. kinetics reads
+    SPLIT_DIR/train.csv, or validate.csv (official name) or val.csv, always with train.csv's classes."""
+    part = "train" if train else "test"
     if dataset == "ucf101":
-        where = os.path.join(split_dir, f"{'train' if train else 'test'}list0{split}.txt")
+        where = os.path.join(split_dir, f"{part}list0{split}.txt")
         records, classes = read_ucf101(root, split_dir, split, train)
     elif dataset == "hmdb51":
         where = os.path.join(split_dir, f"*_test_split{split}.txt")
         records, classes = read_hmdb51(root, split_dir, split, train)
     elif dataset == "kinetics":
-        train_csv = os.path.join(split_dir, "train.csv")
-        val_csvs = [os.path.join(split_dir, name) for name in ("validate.csv", "val.csv")]
+        train_csv, *val_csvs = (os.path.join(split_dir, name) for name in ("train.csv", "validate.csv", "val.csv"))
         where = train_csv if train else next((p for p in val_csvs if os.path.exists(p)), val_csvs[0])
         classes = sorted({row["label"] for row in _kinetics_rows(train_csv)})
         records, classes = read_kinetics(root, where, train, classes)
     elif dataset == "list":
-        where = os.path.join(split_dir, "trainlist.txt" if train else "testlist.txt")
+        where = os.path.join(split_dir, f"{part}list.txt")
         records, classes = read_list(root, where)
     else:
         raise ValueError(f"dataset {dataset!r} has no split files; choose from ucf101, hmdb51, kinetics, list")
@@ -285,6 +242,27 @@ def _count_frames(container: av.container.InputContainer, stream: av.video.strea
     return count
 
 
+@contextlib.contextmanager
+def _open_video(path: str, threads: int = 0):
+    """(container, first video stream, frame count) of path; BadVideo names what is wrong with the file. Another
+    file's error (writing prepare's output: a full disk) is no bad video, and is raised as it is."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise BadVideo(f"{path}: {'zero bytes' if os.path.isfile(path) else 'missing'}")
+    try:
+        with av.open(path, metadata_errors="ignore") as container:
+            if not container.streams.video:
+                raise BadVideo(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if threads:
+                stream.codec_context.thread_count = threads
+            yield container, stream, _count_frames(container, stream)
+    except (av.FFmpegError, OSError) as error:
+        if getattr(error, "filename", None) not in (None, path):
+            raise
+        raise BadVideo(f"{path}: not a video or damaged ({error})") from error
+
+
 def _rgb(frame: av.VideoFrame, short_side: int) -> np.ndarray:
     """(H, W, 3) uint8 with the short side resized to `short_side`, aspect kept."""
     scale = short_side / min(frame.width, frame.height)
@@ -294,13 +272,9 @@ def _rgb(frame: av.VideoFrame, short_side: int) -> np.ndarray:
 
 def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
           wanted: list[int], num_frames: int, short_side: int, seeked: bool) -> dict[int, np.ndarray] | None:
-    """Decode forward from the current position and keep the frames `wanted` (sorted, unique).
-
-    A frame's index is its time stamp x frame rate. A wanted index that falls in a gap of the
-    time stamps gets the frame still on screen then. Returns None after a seek that landed past
-    the first wanted frame, and a dict without the frames past the end of a stream that stops
-    early, unless it stops within END_SLACK frames of the count in its header.
-    """
+    """Decode on to the last of the frames `wanted` (sorted, unique), indexed by time stamp x rate; an index
+    in a gap of the time stamps gets the frame still on screen. None when a seek landed past wanted[0]. A
+    stream that stops early lacks the frames past its end, unless it stops within END_SLACK of its header."""
     rate, start = _frame_rate(stream), stream.start_time or 0
     frames_per_tick = float(stream.time_base * rate) if rate else 0.0
     out: dict[int, np.ndarray] = {}
@@ -328,8 +302,7 @@ def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoS
 def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
             wanted: list[int], num_frames: int, short_side: int) -> dict[int, np.ndarray]:
     """The frames `wanted`, seeking to the keyframe before the first one when it is far in."""
-    rate = _frame_rate(stream)
-    start = stream.start_time or 0
+    rate, start = _frame_rate(stream), stream.start_time or 0
     if rate and wanted[0] > SEEK_AFTER_SECONDS * rate:
         container.seek(start + int(wanted[0] / (rate * stream.time_base)), stream=stream)
         frames = _scan(container, stream, wanted, num_frames, short_side, seeked=True)
@@ -359,29 +332,13 @@ class VideoFiles:
     def read(self, i: int, choose: Callable[[int], list[int]]) -> np.ndarray:
         """uint8 (len(indices), H, W, 3) of the frames indices = choose(num_frames), in that order."""
         path = self.records[i].path
-        if not os.path.isfile(path):
-            raise BadVideo(f"{path}: missing")
-        if os.path.getsize(path) == 0:
-            raise BadVideo(f"{path}: zero bytes")
-        try:
-            with av.open(path, metadata_errors="ignore") as container:
-                return self._read_open(container, path, choose)
-        except (av.FFmpegError, OSError) as error:
-            raise BadVideo(f"{path}: not a video or damaged ({error})") from error
-
-    def _read_open(self, container: av.container.InputContainer, path: str,
-                   choose: Callable[[int], list[int]]) -> np.ndarray:
-        if not container.streams.video:
-            raise BadVideo(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        num_frames = _count_frames(container, stream)
-        if num_frames < self.min_frames:
-            raise BadVideo(f"{path}: {num_frames} frames, fewer than the {self.min_frames} needed")
-        indices = choose(num_frames)
-        if not indices or not all(0 <= k < num_frames for k in indices):
-            raise ValueError(f"choose({num_frames}) gave indices outside [0, {num_frames}): {indices}")
-        frames = _decode(container, stream, sorted(set(indices)), num_frames, self.short_side)
+        with _open_video(path) as (container, stream, num_frames):
+            if num_frames < self.min_frames:
+                raise BadVideo(f"{path}: {num_frames} frames, fewer than the {self.min_frames} needed")
+            indices = choose(num_frames)
+            if not indices or not all(0 <= k < num_frames for k in indices):
+                raise ValueError(f"choose({num_frames}) gave indices outside [0, {num_frames}): {indices}")
+            frames = _decode(container, stream, sorted(set(indices)), num_frames, self.short_side)
         lost = [k for k in indices if k not in frames]
         if lost:
             raise BadVideo(f"{path}: truncated, frame {min(lost)} of the {num_frames} in its header does not decode")
@@ -395,54 +352,30 @@ CLASSES = ("Left", "Right", "Up", "Down", "Clockwise", "Anticlockwise", "Grow", 
 SCENES = ("HStripes", "VStripes", "Diagonals", "Checker", "Blobs", "Gradient", "Noise", "Rings")
 # Two colours per scene, every channel in [60, 200]: the object's black rim shows on all of them.
 PALETTES = np.array([
-    [[190, 80, 70], [200, 170, 150]], [[70, 120, 190], [160, 190, 200]],
-    [[80, 160, 80], [190, 200, 120]], [[180, 180, 180], [90, 90, 90]],
-    [[150, 80, 170], [200, 150, 90]], [[60, 150, 150], [200, 120, 110]],
-    [[130, 110, 80], [190, 170, 130]], [[170, 110, 140], [110, 170, 160]],
-], dtype=np.float32)
+    [[190, 80, 70], [200, 170, 150]], [[70, 120, 190], [160, 190, 200]], [[80, 160, 80], [190, 200, 120]],
+    [[180, 180, 180], [90, 90, 90]], [[150, 80, 170], [200, 150, 90]], [[60, 150, 150], [200, 120, 110]],
+    [[130, 110, 80], [190, 170, 130]], [[170, 110, 140], [110, 170, 160]]], dtype=np.float32)
 SPLIT_IDS = {"train": 0, "test": 1}
 
 
-@dataclass(frozen=True)
-class _Synthetic:
-    """Everything random about one synthetic video; sizes and speeds in pixels."""
-    label: int
-    scene: int
-    speed: float            # pixels per frame
-    size: float             # object side or diameter; grow/shrink ramp from 0.5x to 1.5x of it
-    disk: bool
-    colours: np.ndarray     # (2, 3) the object's checker colours
-    cells: int              # checker cells across the object
-    x0: float
-    y0: float
-    theta0: float           # start angle of the orbit
-    radius: float           # orbit radius
-    bg_shift: np.ndarray    # (2,) background offset, in frame sides
-    bg_freq: float
-    bg_colour: np.ndarray   # (2, 3) the scene's palette, jittered
-    bg_seed: int
-
-
 class SyntheticVideos:
-    """Videos drawn on the fly: an object whose motion is the class, over a scene.
-
-    Train split: the scene is the class's own with probability scene_bias, else another one;
-    test split: the scene is uniform, independent of the class. Deterministic in (seed, split, i).
-    """
+    """Videos drawn on the fly: an object whose motion is the class, over a static scene. In the train split
+    the scene is the class's own with probability scene_bias, in the test split it is independent of the
+    class. Deterministic in (seed, split, i)."""
 
     def __init__(self, split: str, num_videos: int, seed: int = 0, scene_bias: float = 0.8,
                  short_side: int = 128, num_frames: int = 64):
-        if split not in SPLIT_IDS:
-            raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
-        if num_videos < 1 or short_side < 8 or num_frames < 1 or not 0 <= scene_bias <= 1:
-            raise ValueError(f"need num_videos >= 1, short_side >= 8, num_frames >= 1, 0 <= scene_bias <= 1; "
-                             f"got {num_videos}, {short_side}, {num_frames}, {scene_bias}")
+        if split not in SPLIT_IDS or num_videos < 1 or short_side < 8 or num_frames < 1 or not 0 <= scene_bias <= 1:
+            raise ValueError(f"need split 'train' or 'test', num_videos >= 1, short_side >= 8, num_frames >= 1, "
+                             f"0 <= scene_bias <= 1; got {split!r}, {num_videos}, {short_side}, {num_frames}, "
+                             f"{scene_bias}")
         self.split, self.seed, self.scene_bias = split, seed, scene_bias
         self.short_side, self.num_frames = short_side, num_frames
         self.num_classes, self.classes, self.scenes = len(CLASSES), list(CLASSES), list(SCENES)
         self._videos = [self._draw_video(i) for i in range(num_videos)]
 
-    def _draw_video(self, i: int) -> _Synthetic:
+    def _draw_video(self, i: int) -> SimpleNamespace:
+        """Everything random about video i, lengths in pixels."""
         rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], i])
         side, label = self.short_side, i % len(CLASSES)
         keep, other = rng.random(), int(rng.integers(1, len(SCENES)))
@@ -451,8 +384,8 @@ class SyntheticVideos:
         else:
             scene = int(rng.integers(len(SCENES)))
         first = rng.integers(0, 256, 3)
-        colours = np.stack([first, (first + 128) % 256]).astype(np.uint8)  # 128 apart in every channel
-        return _Synthetic(
+        colours = np.stack([first, (first + 128) % 256]).astype(np.uint8)  # checker colours, 128 apart everywhere
+        return SimpleNamespace(  # speed per frame, size the side or diameter, an orbit's start angle and radius
             label=label, scene=scene, speed=side * rng.uniform(0.025, 0.035), size=side * rng.uniform(0.20, 0.25),
             disk=bool(rng.integers(2)), colours=colours, cells=int(rng.integers(2, 5)),
             x0=side * rng.random(), y0=side * rng.random(), theta0=2 * np.pi * rng.random(),
@@ -471,10 +404,9 @@ class SyntheticVideos:
     def name(self, i: int) -> str:
         """UCF101-style 'Class/v_Class_gXX_cYY.avi'; train takes odd groups, test even ones."""
         cls, k = CLASSES[self.label(i)], i // len(CLASSES)
-        group = 2 * (k // 10) + 1 + SPLIT_IDS[self.split]
-        return f"{cls}/v_{cls}_g{group:02d}_c{k % 10 + 1:02d}.avi"
+        return f"{cls}/v_{cls}_g{2 * (k // 10) + 1 + SPLIT_IDS[self.split]:02d}_c{k % 10 + 1:02d}.avi"
 
-    def _state(self, v: _Synthetic, t: int) -> tuple[float, float, float]:
+    def _state(self, v: SimpleNamespace, t: int) -> tuple[float, float, float]:
         """Object centre x, y and size in frame t. Translations wrap around the frame."""
         side, travel = self.short_side, v.speed * t
         if v.label < 4:
@@ -483,18 +415,16 @@ class SyntheticVideos:
         if v.label < 6:  # y points down, so a growing angle turns clockwise on screen
             theta = v.theta0 + (travel if v.label == 4 else -travel) / v.radius
             return side / 2 + v.radius * np.cos(theta), side / 2 + v.radius * np.sin(theta), v.size
-        # One ramp over the whole video, no reset: a size that jumps back is a jump cut. Over any
-        # window of frames Grow and Shrink show the same sizes, in opposite orders.
-        grown = v.size * t / max(self.num_frames - 1, 1)  # 0.5 size -> 1.5 size over the video
+        # 0.5x to 1.5x the size in one ramp over the whole video: a size that jumps back is a jump cut.
+        grown = v.size * t / max(self.num_frames - 1, 1)
         return v.x0, v.y0, 0.5 * v.size + (grown if v.label == 6 else v.size - grown)
 
     def box(self, i: int, t: int) -> tuple[float, float, float, float]:
-        """x0, y0, x1, y1 in pixels of the object in frame t. A box that reaches past an edge of the
-        frame continues on the opposite side, as the object does."""
+        """x0, y0, x1, y1 in pixels of the object in frame t; past an edge it goes on at the opposite side."""
         x, y, size = self._state(self._videos[i], t)
         return x - size / 2, y - size / 2, x + size / 2, y + size / 2
 
-    def _background(self, v: _Synthetic) -> np.ndarray:
+    def _background(self, v: SimpleNamespace) -> np.ndarray:
         """(H, W, 3) uint8 static scene: its palette mixed by a texture of its kind."""
         side, f = self.short_side, v.bg_freq
         xs = np.broadcast_to(((np.arange(side) + 0.5) / side)[None, :], (side, side))  # (H, W) in frame sides
@@ -520,7 +450,7 @@ class SyntheticVideos:
         mix = (0.5 + 0.5 * wave)[..., None]  # (H, W, 1) in [0, 1]
         return (v.bg_colour[0] + (v.bg_colour[1] - v.bg_colour[0]) * mix).astype(np.uint8)
 
-    def _draw(self, v: _Synthetic, background: np.ndarray, t: int) -> np.ndarray:
+    def _draw(self, v: SimpleNamespace, background: np.ndarray, t: int) -> np.ndarray:
         """(H, W, 3) uint8 frame t: the checkered object with a black rim over the scene."""
         side = self.short_side
         cx, cy, size = self._state(v, t)
@@ -535,8 +465,7 @@ class SyntheticVideos:
         texture[reach > size / 2 - max(1.0, side / 64)] = 0
         frame = background.copy()
         patch = frame[np.ix_(rows, cols)]
-        inside = reach <= size / 2
-        patch[inside] = texture[inside]
+        patch[reach <= size / 2] = texture[reach <= size / 2]
         frame[np.ix_(rows, cols)] = patch
         return frame
 
@@ -551,37 +480,30 @@ class SyntheticVideos:
         return self.render(i, choose(self.num_frames))
 
 
-def _write_avi(path: str, frames: np.ndarray, fps: int = 25) -> None:
-    """MPEG-4 part 2 AVI (UCF101's codec) at fixed quantiser 3, written to a temporary name
-    and renamed, so an interrupted run leaves no half-written video under the real name."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + ".partial"
-    with av.open(partial, "w", format="avi") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.qmin = stream.codec_context.qmax = 3  # ~4/255 mean error at 128 x 128
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    os.replace(partial, path)
-
-
 def _write_text(path: str, lines: list[str]) -> None:
-    with open(path + ".partial", "w", encoding="utf-8") as f:
+    with open(path + PART_SUFFIX, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in lines))
-    os.replace(path + ".partial", path)
+    os.replace(path + PART_SUFFIX, path)
 
 
-def make_synthetic(out: str, num_train: int, num_test: int, seed: int, scene_bias: float,
-                   short_side: int) -> None:
-    """OUT/videos/<Class>/v_<Class>_gXX_cYY.avi and UCF101 split files in OUT/splits (split 1),
-    the same videos SyntheticVideos draws. Split files come last: they name only finished videos."""
+def make_synthetic(out: str, num_train: int, num_test: int, seed: int, scene_bias: float, short_side: int) -> None:
+    """OUT/videos/<Class>/v_<Class>_gXX_cYY.avi (MPEG-4 part 2, UCF101's codec) and UCF101 split files in
+    OUT/splits (split 1), the videos SyntheticVideos draws. Split files come last: they name finished videos."""
     lists = {}
     for split, num_videos in (("train", num_train), ("test", num_test)):
         source = SyntheticVideos(split, num_videos, seed, scene_bias, short_side)
         for i in tqdm(range(len(source)), desc=f"synthetic {split}"):
-            _write_avi(os.path.join(out, "videos", source.name(i)), source.render(i, range(source.num_frames)))
+            path = os.path.join(out, "videos", source.name(i))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with av.open(path + PART_SUFFIX, "w", format="avi") as container:
+                stream = container.add_stream("mpeg4", rate=25)
+                stream.height = stream.width = short_side
+                stream.pix_fmt = "yuv420p"
+                stream.codec_context.qmin = stream.codec_context.qmax = 3  # ~4/255 mean error at 128 x 128
+                for image in source.render(i, range(source.num_frames)):
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+                container.mux(stream.encode())
+            os.replace(path + PART_SUFFIX, path)
         lists[split] = [(source.name(i), source.label(i)) for i in range(len(source))]
     os.makedirs(os.path.join(out, "splits"), exist_ok=True)
     _write_text(os.path.join(out, "splits", "classInd.txt"), [f"{k + 1} {c}" for k, c in enumerate(CLASSES)])
@@ -595,31 +517,24 @@ _warned: set[str] = set()  # bad videos already reported by this process
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Clips from a source (VideoFiles or SyntheticVideos) for training and testing.
+    """Clips from a source (VideoFiles or SyntheticVideos). train: views = transform(clip, shifted, rng), shifted
+    the clip's frames tau later (Eq. 4) or None without `shift`; test: the stack of transform(clip, None, rng) over
+    the test_clips clips at test_starts. Without transform, views are the uint8 frames: (T, H, W, 3), (2, T, H, W,
+    3) with shift, (test_clips, T, H, W, 3) in test. static (Fig. 1): train clips repeat one random frame, test
+    clips their middle one. Sample i draws from default_rng([seed, epoch, i]), whatever the workers or a resume:
+    call set_epoch before each epoch's DataLoader iterator (persistent_workers=False).
 
-    train: {"views": transform(clip, shifted, rng)} with clip the anchor frames and shifted the
-    same frames tau later (Eq. 4), or None without `shift`. test: test_clips clips at test_starts,
-    views = stack of transform(clip_k, None, rng). Without transform, views are the raw uint8
-    frames as a tensor: (T, H, W, 3), (2, T, H, W, 3) with shift, (test_clips, T, H, W, 3) in test.
-
-    All randomness of sample i comes from default_rng([seed, epoch, i]), so samples do not depend
-    on the number of workers, and a resumed run draws the same ones. Call set_epoch before
-    creating each epoch's DataLoader iterator (persistent_workers=False, so the workers see it).
-    static (Fig. 1 diagnostic): train clips are one random frame repeated T times (its shift: the
-    frame tau later, repeated), test clips their middle frame repeated.
-
-    A bad video is skipped for the next index; "index" is the video used, "skipped" how many
-    were passed over to find it. Sample i has skipped > 0 exactly when video i is bad, so
-    counting those samples over an epoch counts its bad videos.
+    A bad video is skipped for the next one that decodes, so bad videos never stop an epoch; only a source in
+    which none decodes raises. "index" is the video used, "skipped" how many were passed over: > 0 exactly when
+    video i is bad, so counting those samples counts an epoch's bad videos.
     """
 
     def __init__(self, source, clip_len: int = 16, stride: int = 4, transform: Callable | None = None,
                  shift: tuple[int, int] | None = None, mode: str = "train", test_clips: int = 10,
                  static: bool = False, seed: int = 0):
-        if mode not in ("train", "test"):
-            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
-        if clip_len < 1 or stride < 1 or test_clips < 1:
-            raise ValueError(f"clip_len, stride, test_clips must be >= 1, got {clip_len}, {stride}, {test_clips}")
+        if mode not in ("train", "test") or clip_len < 1 or stride < 1 or test_clips < 1:
+            raise ValueError(f"need mode 'train' or 'test', clip_len, stride, test_clips >= 1; "
+                             f"got {mode!r}, {clip_len}, {stride}, {test_clips}")
         if shift is not None and (mode == "test" or not 0 <= shift[0] <= shift[1]):
             raise ValueError(f"shift must be (alpha1, alpha2) with 0 <= alpha1 <= alpha2, train only; got {shift}")
         self.source, self.clip_len, self.stride, self.transform = source, clip_len, stride, transform
@@ -634,41 +549,36 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        reasons = []
-        for skipped in range(min(MAX_BAD_IN_A_ROW, len(self.source))):
+        for skipped in range(len(self.source)):
             j = (i + skipped) % len(self.source)
             try:
-                views = self._train_views(j, rng) if self.mode == "train" else self._test_views(j, rng)
+                views = self._views(j, rng)
             except BadVideo as error:
-                reasons.append(str(error))
+                reason = error
                 if self.source.name(j) not in _warned:
                     _warned.add(self.source.name(j))
                     warnings.warn(f"skipping bad video {error}", BadVideoWarning, stacklevel=2)
                 continue
             scene = self.source.scene(j) if hasattr(self.source, "scene") else -1  # -1: not known
             return {"views": views, "label": self.source.label(j), "scene": scene, "index": j, "skipped": skipped}
-        raise RuntimeError(f"{len(reasons)} bad videos in a row from index {i}; the last: {reasons[-1]}")
+        raise RuntimeError(f"{len(self.source)} bad videos in a row from index {i}, all there are; the last: {reason}")
 
-    def _train_views(self, j: int, rng: np.random.Generator):
-        choose = lambda num_frames: train_indices(num_frames, self.clip_len, self.stride, self.shift, rng, self.static)
-        frames = self.source.read(j, choose)  # (T or 2T, H, W, 3): one decode for a and n
-        if self.shift is None:
-            return torch.from_numpy(frames) if self.transform is None else self.transform(frames, None, rng)
-        clip, shifted = frames[:self.clip_len], frames[self.clip_len:]
-        if self.transform is None:
-            return torch.from_numpy(frames.reshape(2, self.clip_len, *frames.shape[1:]))
-        return self.transform(clip, shifted, rng)
+    def _views(self, j: int, rng: np.random.Generator):
+        """Video j's views from one decode of all the frames they need: a and n, or every test clip."""
+        T = self.clip_len
+        if self.mode == "train":
+            frames = self.source.read(j, lambda n: train_indices(n, T, self.stride, self.shift, rng, self.static))
+            if self.transform is None:
+                return torch.from_numpy(frames if self.shift is None else frames.reshape(2, T, *frames.shape[1:]))
+            return self.transform(frames[:T], None if self.shift is None else frames[T:], rng)
 
-    def _test_views(self, j: int, rng: np.random.Generator) -> torch.Tensor:
         def choose(num_frames: int) -> list[int]:
-            clips = [temporal_indices(num_frames, start, self.clip_len, self.stride)
-                     for start in test_starts(num_frames, self.clip_len, self.stride, self.test_clips)]
-            if self.static:  # each clip's middle frame, repeated
-                clips = [[clip[self.clip_len // 2]] * self.clip_len for clip in clips]
-            return [k for clip in clips for k in clip]
+            starts = test_starts(num_frames, T, self.stride, self.test_clips)
+            clips = [temporal_indices(num_frames, start, T, self.stride) for start in starts]
+            return [k for clip in clips for k in ([clip[T // 2]] * T if self.static else clip)]
 
-        frames = self.source.read(j, choose)  # (test_clips * T, H, W, 3): one decode for all clips
-        clips = frames.reshape(self.test_clips, self.clip_len, *frames.shape[1:])  # (test_clips, T, H, W, 3)
+        frames = self.source.read(j, choose)
+        clips = frames.reshape(self.test_clips, T, *frames.shape[1:])  # (test_clips, T, H, W, 3)
         if self.transform is None:
             return torch.from_numpy(clips)
         return torch.stack([self.transform(clip, None, rng) for clip in clips])
@@ -677,35 +587,18 @@ class ClipDataset(torch.utils.data.Dataset):
 # ---- prepare: re-encode a dataset once, so that every epoch decodes less -----------------
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
-# The container written for each extension; file names never change, so split files and CSVs apply
-# to the prepared tree as they are. Where the extension's own container cannot carry H.264 with exact
-# time stamps the file holds MP4, which FFmpeg-based readers (PyAV, torchvision, decord, OpenCV) find
-# by its content: FFmpeg's AVI demuxer dates every H.264 frame one frame late (pts = dts + 1, which
-# would shift every frame index data.py computes), WebM allows only VP8/VP9/AV1, and the MPEG-PS muxer
-# (.mpg, .mpeg) loses the time stamps.
+# File names never change, so split files apply to the prepared tree as they are. Where an extension's
+# container cannot carry H.264 with exact time stamps the file holds MP4, found by its content: FFmpeg's
+# AVI demuxer dates H.264 frames one late, WebM takes only VP8/VP9/AV1, MPEG-PS loses the time stamps.
 PREPARE_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # others: mp4
-PART_SUFFIX = ".partial"  # not a video extension: a rerun never takes a half-written file for a done one
 PREPARE_REPORT = "prepare_report.json"
-# x264's speed/quality: CRF 18 is close to transparent, so training sees the source's content; at short
-# side 256 the veryfast encode costs less than decoding a 720p source.
-X264_PRESET, X264_CRF = "veryfast", "18"
-
-
-def _encoder(keyframe_every: int, threads: int) -> tuple[str, dict[str, str]]:
-    """The encoder and its options, keyframes exactly every keyframe_every frames: libx264 (PyAV's
-    wheels bundle it; scenecut=0, or x264 adds keyframes at cuts), else what this build of FFmpeg has."""
-    if "libx264" in av.codecs_available:
-        params = f"keyint={keyframe_every}:min-keyint={keyframe_every}:scenecut=0"
-        return "libx264", {"preset": X264_PRESET, "crf": X264_CRF, "threads": str(threads), "x264-params": params}
-    if "libopenh264" in av.codecs_available:
-        return "libopenh264", {"threads": str(threads)}  # keyframes from gop_size alone
-    return "mpeg4", {"threads": str(threads), "sc_threshold": "1000000000", "qmin": "3", "qmax": "3"}
+# CRF 18 is close to transparent; at short side 256 veryfast costs less than decoding a 720p source.
+X264_OPTIONS = {"preset": "veryfast", "crf": "18"}
 
 
 def prepared_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side at short_side (even), aspect kept, both sides even (yuv420p
-    halves both for the colour planes). A video already at or below short_side keeps its size, less an
-    odd last row or column: upscaling adds decode work and no detail."""
+    """(width, height) with the short side at short_side, aspect kept, both even (yuv420p halves them).
+    Never upscaled (more decode work, no detail): a smaller video keeps its size, less an odd row or column."""
     short, long = min(width, height), max(width, height)
     if short <= short_side:
         return width - width % 2, height - height % 2
@@ -715,61 +608,40 @@ def prepared_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def _encode_frames(frames, out: av.container.OutputContainer, rate: Fraction, short_side: int,
                    keyframe_every: int, threads: int) -> int:
-    """Resize and encode `frames` into `out`, numbered 0, 1, ... at `rate`; returns how many."""
+    """Encode `frames` into `out`, renumbered 0, 1, ... at `rate` so gaps in a source's time stamps close;
+    returns how many. The size comes from the first frame: some headers have none."""
     stream, count = None, 0
     for count, frame in enumerate(frames, 1):
-        if stream is None:  # the size comes from the first frame: some headers have none
-            codec, options = _encoder(keyframe_every, threads)
-            stream = out.add_stream(codec, rate=rate, options=options)
+        if stream is None:  # scenecut=0: no keyframes at cuts beyond the fixed ones
+            stream = out.add_stream("libx264", rate=rate, options={**X264_OPTIONS, "threads": str(threads),
+                                    "x264-params": f"keyint={keyframe_every}:min-keyint={keyframe_every}:scenecut=0"})
             stream.width, stream.height = prepared_size(frame.width, frame.height, short_side)
             stream.pix_fmt, stream.codec_context.gop_size = "yuv420p", keyframe_every
         image = frame.reformat(stream.width, stream.height, "yuv420p", interpolation="AREA")
-        # Renumbered frames: a source with gaps in its time stamps comes out at a constant rate,
-        # frame k being the k-th decoded frame.
         image.pts, image.time_base = count - 1, 1 / rate
-        image.pict_type = av.video.frame.PictureType.NONE  # x264 would make the source's I-frames keyframes
+        image.pict_type = av.video.frame.PictureType.NONE  # else x264 makes the source's I-frames keyframes
         out.mux(stream.encode(image))
     if stream is not None:
         out.mux(stream.encode())
     return count
 
 
-def _transcode(src: str, part: str, container: str, short_side: int, keyframe_every: int, threads: int) -> int:
-    """Re-encode src's first video stream into part (audio is dropped); its frame count. BadVideo for
-    a source without frames, a frame rate, or with fewer frames than its header promises (truncated)."""
-    with av.open(src, metadata_errors="ignore") as source:
-        if not source.streams.video:
-            raise BadVideo(f"{src}: no video stream")
-        stream = source.streams.video[0]
-        stream.thread_type, stream.codec_context.thread_count = "AUTO", threads
-        rate = _frame_rate(stream)
-        if not rate:
-            raise BadVideo(f"{src}: no frame rate in its header")
-        expected = _count_frames(source, stream)
-        with av.open(part, "w", format=container) as out:
-            count = _encode_frames(source.decode(stream), out, rate, short_side, keyframe_every, threads)
-            if count == 0 or count < expected - END_SLACK:
-                raise BadVideo(f"{src}: truncated, {count} of the {expected} frames in its header decode")
-    return count
-
-
 def prepare_video(src: str, dst: str, short_side: int, keyframe_every: int = 16, threads: int = 1) -> int:
-    """Re-encode one video to H.264 at dst (see `prepare`); returns its frame count. It is written to
-    dst + PART_SUFFIX and renamed when complete, so a killed run never leaves a partial file under the
-    final name. BadVideo names what is wrong with src; an error writing dst (a full disk) is raised."""
-    if os.path.getsize(src) == 0:
-        raise BadVideo(f"{src}: zero bytes")
+    """Re-encode src's first video stream to dst (see `prepare`); its frame count. Written to dst + PART_SUFFIX
+    and renamed when complete. BadVideo names what is wrong with src; an error writing dst is raised."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     part = dst + PART_SUFFIX
-    container = PREPARE_CONTAINERS.get(os.path.splitext(dst)[1].lower(), "mp4")
     try:
-        count = _transcode(src, part, container, short_side, keyframe_every, threads)
+        with _open_video(src, threads) as (source, stream, expected):
+            rate = _frame_rate(stream)
+            if not rate:
+                raise BadVideo(f"{src}: no frame rate in its header")
+            with av.open(part, "w", format=PREPARE_CONTAINERS.get(os.path.splitext(dst)[1].lower(), "mp4")) as out:
+                count = _encode_frames(source.decode(stream), out, rate, short_side, keyframe_every, threads)
+                if count == 0 or count < expected - END_SLACK:
+                    raise BadVideo(f"{src}: truncated, {count} of the {expected} frames in its header decode")
         os.replace(part, dst)
         return count
-    except av.FFmpegError as error:
-        if getattr(error, "filename", None) == part:
-            raise
-        raise BadVideo(f"{src}: not a video or damaged ({error})") from error
     finally:
         if os.path.exists(part):
             os.remove(part)
@@ -790,10 +662,8 @@ def _run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, str]]:
     failed = []
     pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
     try:
-        if pool is None:
-            results = map(_prepare_job, jobs)
-        else:
-            results = (future.result() for future in as_completed([pool.submit(_prepare_job, j) for j in jobs]))
+        results = map(_prepare_job, jobs) if pool is None else \
+            (future.result() for future in as_completed([pool.submit(_prepare_job, job) for job in jobs]))
         for rel, reason in tqdm(results, total=len(jobs), desc="prepare", unit="video", smoothing=0.05):
             if reason is not None:
                 failed.append({"path": rel, "reason": reason})
@@ -802,18 +672,6 @@ def _run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, str]]:
         if pool is not None:  # Ctrl-C: stop at once, not after every queued video
             pool.shutdown(wait=False, cancel_futures=True)
     return sorted(failed, key=lambda entry: entry["path"])
-
-
-def _check_folders(src: str, dst: str) -> tuple[str, str]:
-    """Real paths of SRC and DST; exits unless SRC is a folder and neither holds the other (nothing
-    under SRC may ever be written)."""
-    src, dst = os.path.realpath(src), os.path.realpath(dst)
-    if not os.path.isdir(src):
-        raise SystemExit(f"prepare: SRC {src} is not a folder")
-    if os.path.commonpath([src, dst]) in (src, dst):
-        raise SystemExit(f"prepare: DST {dst} and SRC {src} must not be or hold one another: "
-                         f"choose a DST outside SRC")
-    return src, dst
 
 
 def find_videos(root: str) -> list[str]:
@@ -826,94 +684,86 @@ def find_videos(root: str) -> list[str]:
     return found
 
 
-def _write_report(dst: str, report: dict) -> None:
-    _write_text(os.path.join(dst, PREPARE_REPORT), json.dumps(report, indent=1).splitlines())
-
-
-def _check_settings(dst: str, settings: dict) -> None:
-    """Exit if DST holds videos prepared with other settings: a rerun must not mix sizes."""
-    path = os.path.join(dst, PREPARE_REPORT)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+def _check_prepare(src: str, dst: str, settings: dict) -> list[str]:
+    """The videos under SRC; exits unless SRC is a folder apart from DST (nothing under SRC is ever written)
+    and DST holds no videos prepared with other settings (a rerun must not mix sizes)."""
+    if not os.path.isdir(src):
+        raise SystemExit(f"prepare: SRC {src} is not a folder")
+    if os.path.commonpath([src, dst]) in (src, dst):
+        raise SystemExit(f"prepare: DST {dst} and SRC {src} must not be or hold one another: choose a DST outside SRC")
+    videos = find_videos(src)
+    if not videos:
+        raise SystemExit(f"prepare: no videos ({' '.join(VIDEO_EXTENSIONS)}) under {src}")
+    if "libx264" not in av.codecs_available:  # PyAV's wheels bundle it; a build on a system FFmpeg may not
+        raise SystemExit("prepare: this PyAV's FFmpeg has no libx264 encoder: install PyAV's wheel (pip install av)")
+    if os.path.exists(os.path.join(dst, PREPARE_REPORT)):
+        with open(os.path.join(dst, PREPARE_REPORT), encoding="utf-8") as f:
             report = json.load(f)
         before = {key: report.get(key) for key in settings}
         if before != settings:
             raise SystemExit(f"prepare: {dst} was prepared with {before}, not {settings}: use another DST")
-
-
-def _remove_partials(dst: str, todo: list[str]) -> int:
-    """Remove the half-written files a killed run left for the videos still to do; how many."""
-    stale = [path for path in (os.path.join(dst, rel) + PART_SUFFIX for rel in todo) if os.path.exists(path)]
-    for path in stale:
-        os.remove(path)
-    return len(stale)
+    return videos
 
 
 def prepare(src: str, dst: str, short_side: int, keyframe_every: int = 16, workers: int | None = None) -> dict:
-    """Re-encode every video under src into dst at the same relative path and name: H.264 (libx264)
-    at short side `short_side`, a keyframe every `keyframe_every` frames, the same frame rate and
-    frames, yuv420p, no audio (containers: PREPARE_CONTAINERS; an .avi holds MP4). A video already at
-    or below `short_side` is not upscaled but still re-encoded, at its own size, so that its seeks too
-    land within keyframe_every frames. Existing outputs are skipped, so a rerun resumes; bad videos are
-    named on the console and in DST/prepare_report.json, which this returns."""
-    src, dst = _check_folders(src, dst)
-    videos = find_videos(src)
-    if not videos:
-        raise SystemExit(f"prepare: no videos ({' '.join(VIDEO_EXTENSIONS)}) under {src}")
-    settings = {"short_side": short_side, "keyframe_every": keyframe_every, "encoder": _encoder(keyframe_every, 1)[0]}
+    """Re-encode every video under src into dst at the same relative path and name: H.264 (libx264) at short
+    side `short_side`, a keyframe every `keyframe_every` frames, the same frames and frame rate, yuv420p, no
+    audio (containers: PREPARE_CONTAINERS; an .avi holds MP4). A smaller video keeps its size but is still
+    re-encoded, so its seeks too land within keyframe_every frames. Existing outputs are skipped, so a rerun
+    resumes; bad videos are named on the console and in DST/prepare_report.json, which this returns."""
+    src, dst = os.path.realpath(src), os.path.realpath(dst)
+    settings = {"short_side": short_side, "keyframe_every": keyframe_every, "encoder": "libx264"}
+    videos, report_path = _check_prepare(src, dst, settings), os.path.join(dst, PREPARE_REPORT)
     os.makedirs(dst, exist_ok=True)
-    _check_settings(dst, settings)
-    _write_report(dst, {"source": src, **settings, "finished": False})  # settings first: a killed run keeps them
+    # The settings go first, so that a rerun after a kill still refuses other settings.
+    _write_text(report_path, json.dumps({"source": src, **settings, "finished": False}, indent=1).splitlines())
     todo = [rel for rel in videos if not os.path.exists(os.path.join(dst, rel))]
-    stale = _remove_partials(dst, todo)
+    stale = [path for path in (os.path.join(dst, rel) + PART_SUFFIX for rel in todo) if os.path.exists(path)]
+    for path in stale:  # left by a killed run
+        os.remove(path)
     workers = workers or len(os.sched_getaffinity(0))
     print(f"prepare: {len(videos)} videos under {src}; {len(videos) - len(todo)} already in {dst}, skipped; "
-          f"{len(todo)} to encode with {settings['encoder']} on {workers} workers"
-          + (f"; removed {stale} partial files of a killed run" if stale else ""))
+          f"{len(todo)} to encode with libx264 on {workers} workers"
+          + (f"; removed {len(stale)} partial files of a killed run" if stale else ""))
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     failed = _run_jobs([(rel, os.path.join(src, rel), os.path.join(dst, rel), short_side, keyframe_every, threads)
                         for rel in todo], workers)
     report = {"source": src, **settings, "finished": True, "done": len(todo) - len(failed),
               "skipped_existing": len(videos) - len(todo), "failed": failed}
-    _write_report(dst, report)
+    _write_text(report_path, json.dumps(report, indent=1).splitlines())
     print(f"prepare: {report['done']} done, {report['skipped_existing']} skipped (already there), "
-          f"{len(failed)} failed" + (f" (listed in {os.path.join(dst, PREPARE_REPORT)})" if failed else ""))
+          f"{len(failed)} failed" + (f" (listed in {report_path})" if failed else ""))
     return report
 
 
 # ---- command line -------------------------------------------------------------------------
 
-# Clip geometry when --size/--clip-len/--stride are not given: the paper's 16 x 4 frames at 224
-# (C3D users pass --size 112), and a CPU-sized clip for the built-in synthetic videos.
-# Basic augmentation b is a property of the dataset too: the synthetic classes come in mirror
-# pairs (a flip turns Left into Right), so no flip there; its 64-pixel frames hold a 16-pixel
-# object that crops below 0.6 of the area lose too often (`python bench.py crops`).
-CLIP_DEFAULTS = {"synthetic": dict(size=64, clip_len=8, stride=2, flip="off", crop_scale=[0.6, 1.0]),
-                 "paper": dict(size=224, clip_len=16, stride=4, flip="on", crop_scale=[0.3, 1.0])}
+# Clip geometry when --size/--clip-len/--stride are not given: the paper's 16 x 4 frames at 224 (C3D users
+# pass --size 112), and a CPU-sized clip for the synthetic videos, whose 64-pixel frames hold a 16-pixel
+# object that crops below 0.6 of the area lose too often (docs/RESULTS.md).
+CLIP_DEFAULTS = {"synthetic": dict(size=64, clip_len=8, stride=2, crop_scale=[0.6, 1.0]),
+                 "paper": dict(size=224, clip_len=16, stride=4, crop_scale=[0.3, 1.0])}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The data flags every stage script shares."""
     group = parser.add_argument_group("data (paper: Datasets, Default Settings, Temporal Shift)")
-    group.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic (built in)")
-    group.add_argument("--root", default=None, help="video folder (default: none; needed unless synthetic)")
-    group.add_argument("--split-dir", default=None,
-                       help="annotation folder: UCF101 classInd/trainlist0S/testlist0S, HMDB51 *_test_splitS, "
-                            "Kinetics train.csv + validate.csv, list trainlist.txt + testlist.txt (default: none)")
+    group.add_argument("--dataset", choices=list(SHIFT_DEFAULTS), default="synthetic", help="default: synthetic")
+    group.add_argument("--root", default=None, help="video folder (needed unless synthetic)")
+    group.add_argument("--split-dir", default=None, help="annotation folder: UCF101 classInd/trainlist0S/testlist0S, "
+                       "HMDB51 *_test_splitS, Kinetics train.csv + validate.csv, list trainlist.txt + testlist.txt")
     group.add_argument("--split", type=int, choices=(1, 2, 3), default=1, help="UCF101/HMDB51 split (default: 1)")
     group.add_argument("--size", type=int, default=None,
                        help="crop size; frames are decoded at short side 8/7 of it (default: 64 on synthetic, else 224)")
     group.add_argument("--clip-len", type=int, default=None, help="frames T per clip (default: 8 on synthetic, else 16)")
     group.add_argument("--stride", type=int, default=None, help="temporal stride (default: 2 on synthetic, else 4)")
-    group.add_argument("--flip", choices=("on", "off"), default=None,
-                       help="random horizontal flip, one coin per sample (default: off on synthetic, whose classes "
-                            "are mirror pairs, else on)")
     group.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                        help="area fraction of the random resized crop (default: 0.6 1 on synthetic, else 0.3 1)")
-    group.add_argument("--shift-min", type=int, default=None,
-                       help="alpha1 of the temporal shift, frames (default: 4 on kinetics, else 2)")
-    group.add_argument("--shift-max", type=int, default=None,
-                       help="alpha2 of the temporal shift, frames (default: 30 on kinetics, else 20)")
+    group.add_argument("--shift", type=int, nargs=2, default=None, metavar=("ALPHA1", "ALPHA2"),
+                       help="bounds of the temporal shift tau, frames (Eq. 4; default: 4 30 on kinetics, else 2 20)")
+    group.add_argument("--flip", choices=("on", "off"), default=None,
+                       help="random horizontal flip, one coin per sample (default: off on synthetic, whose classes "
+                            "are mirror pairs, else on; off for make-synthetic's files too)")
     group.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank (default: 2)")
     group.add_argument("--num-train", type=int, default=800, help="synthetic training videos (default: 800)")
     group.add_argument("--num-test", type=int, default=400, help="synthetic test videos (default: 400)")
@@ -927,27 +777,24 @@ def resolve_data_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in CLIP_DEFAULTS["synthetic" if args.dataset == "synthetic" else "paper"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.flip = (args.dataset != "synthetic") if args.flip is None else args.flip == "on"
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise SystemExit(f"need 0 < LO <= HI <= 1 for --crop-scale, got {args.crop_scale}")
-    alpha1, alpha2 = SHIFT_DEFAULTS[args.dataset]
-    args.shift_min = alpha1 if args.shift_min is None else args.shift_min
-    args.shift_max = alpha2 if args.shift_max is None else args.shift_max
-    if not 0 <= args.shift_min <= args.shift_max:
-        raise SystemExit(f"need 0 <= --shift-min <= --shift-max, got {args.shift_min}, {args.shift_max}")
+    args.shift = tuple(args.shift or SHIFT_DEFAULTS[args.dataset])
+    if not 0 <= args.shift[0] <= args.shift[1]:
+        raise SystemExit(f"need 0 <= ALPHA1 <= ALPHA2 for --shift, got {args.shift}")
     if args.dataset != "synthetic" and not (args.root and args.split_dir):
         raise SystemExit(f"--dataset {args.dataset} needs --root (videos) and --split-dir (annotations)")
     return args
 
 
-def build_source(args: argparse.Namespace, train: bool) -> "VideoFiles | SyntheticVideos":
-    """The training or test split named by the data flags. Videos named by a split file but
-    missing on disk stop here, before any training, naming them."""
-    short_side = short_side_for(args.size)
+def build_source(args: argparse.Namespace, train: bool) -> VideoFiles | SyntheticVideos:
+    """The training or test split the data flags name; videos missing on disk stop here, before training."""
     if args.dataset == "synthetic":
-        split, num_videos = ("train", args.num_train) if train else ("test", args.num_test)
-        return SyntheticVideos(split, num_videos, args.data_seed, args.scene_bias, short_side)
+        return SyntheticVideos("train" if train else "test", args.num_train if train else args.num_test,
+                               args.data_seed, args.scene_bias, short_side_for(args.size))
     records, _ = build_records(args.dataset, args.root, args.split_dir, args.split, train)
-    return VideoFiles(records, short_side, min_frames=args.clip_len)
+    return VideoFiles(records, short_side_for(args.size), min_frames=args.clip_len)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -955,37 +802,29 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-synthetic", help="write the synthetic dataset as UCF101-style files")
     make.add_argument("out", help="output folder: OUT/videos and OUT/splits")
-    make.add_argument("--num-train", type=int, default=800,
-                      help="training videos, balanced over the 8 classes (default: 800)")
-    make.add_argument("--num-test", type=int, default=400,
-                      help="test videos, balanced over the 8 classes (default: 400)")
+    make.add_argument("--num-train", type=int, default=800, help="training videos, over the 8 classes (default: 800)")
+    make.add_argument("--num-test", type=int, default=400, help="test videos, over the 8 classes (default: 400)")
     make.add_argument("--seed", type=int, default=0, help="random seed of the videos (default: 0)")
     make.add_argument("--scene-bias", type=float, default=0.8,
                       help="training videos whose scene is their class's own (default: 0.8)")
     make.add_argument("--short-side", type=int, default=128, help="frame side in pixels (default: 128)")
-    _add_prepare_parser(commands)
+    prep = commands.add_parser("prepare", help="re-encode a dataset once at training size, keyframes every K frames",
+                               description=prepare.__doc__)
+    prep.add_argument("src", help="folder of the original videos (never written)")
+    prep.add_argument("dst", help="output folder, outside SRC: the same relative paths and file names")
+    prep.add_argument("--short-side", type=int, required=True, help="short side of the output in pixels, even "
+                      "(256 for crops of 224, 128 for 112); videos already at or below it keep their size")
+    prep.add_argument("--keyframe-every", type=int, default=16, help="frames between keyframes (default: 16)")
+    prep.add_argument("--workers", type=int, default=None, help="worker processes (default: every core allowed)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         if args.short_side < 2 or args.short_side % 2 or args.keyframe_every < 1 or (args.workers or 1) < 1:
             parser.error("need an even --short-side >= 2, --keyframe-every >= 1, --workers >= 1")
         prepare(args.src, args.dst, args.short_side, args.keyframe_every, args.workers)
-        return
-    if args.num_train < 1 or args.num_test < 1 or not 0 <= args.scene_bias <= 1 or args.short_side < 8:
-        parser.error("need --num-train, --num-test >= 1, 0 <= --scene-bias <= 1, --short-side >= 8")
-    make_synthetic(args.out, args.num_train, args.num_test, args.seed, args.scene_bias, args.short_side)
-
-
-def _add_prepare_parser(commands) -> None:
-    prep = commands.add_parser("prepare", help="re-encode a dataset once at training size, keyframes every K frames",
-                               description=prepare.__doc__)
-    prep.add_argument("src", help="folder of the original videos (never written)")
-    prep.add_argument("dst", help="output folder, outside SRC: the same relative paths and file names")
-    prep.add_argument("--short-side", type=int, required=True,
-                      help="short side of the output in pixels, even (no default; 256 for crops of 224, "
-                           "128 for 112); videos already at or below it keep their size")
-    prep.add_argument("--keyframe-every", type=int, default=16, help="frames between keyframes (default: 16)")
-    prep.add_argument("--workers", type=int, default=None,
-                      help="worker processes (default: every core this process may use)")
+    else:
+        if args.num_train < 1 or args.num_test < 1 or not 0 <= args.scene_bias <= 1 or args.short_side < 8:
+            parser.error("need --num-train, --num-test >= 1, 0 <= --scene-bias <= 1, --short-side >= 8")
+        make_synthetic(args.out, args.num_train, args.num_test, args.seed, args.scene_bias, args.short_side)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ and f_q learns with the contrastive loss (Eq. 7, `--loss contrastive`, the paper
 rows), the intra-video triplet loss (Eq. 5, `--loss triplet`, "DSM (Triplet)"), or both.
 f_k is the momentum (EMA) copy of f_q and the queue holds its embeddings of other videos,
 as in MoCo (He et al. 2020). The paper does not say which encoder embeds n: through f_q,
-with gradient, the synthetic demo's kNN is far higher than through f_k (`--n-encoder`, README).
+with gradient, the synthetic demo's kNN is far higher than through f_k (docs/RESULTS.md).
 
 Run:
     python pretrain.py                       # built-in synthetic videos, `mini` net, CPU
@@ -37,17 +37,19 @@ import augment
 import data
 import models
 
-# What the CPU demo on the built-in synthetic videos changes from the paper's settings: a
-# 200-epoch run with a 6536-entry queue does not fit in 5 minutes on 2 cores, nor in a
-# training set of a thousand videos; and in 6 epochs of `mini` the paper's SGD learns little
-# motion for any method where AdamW does; at a temperature of 0.04 DSM leads MoCo by as much as at
-# 0.07 on the mean of three data seeds (+10.2 against +9.7 kNN points, README "Results"), and every
-# synthetic figure there was made with it. Flags given on the command line always win;
-# lr_steps=[] is a constant learning rate.
+# What the CPU demo on the built-in synthetic videos changes from the paper's settings: 200 epochs
+# and a 6536-entry queue fit neither 5 minutes on 2 cores nor a training set of 800 videos; in 6
+# epochs of `mini` the paper's SGD learns little motion for any method where AdamW does; tau 0.04
+# leads MoCo as 0.07 does (docs/RESULTS.md). Flags given on the command line always win.
 SYNTHETIC_DEFAULTS = dict(arch="mini", epochs=6, batch_size=16, moco_k=512, moco_t=0.04, optimizer="adam", lr=1e-3,
-                          lr_steps=[], knn_every=3)
+                          knn_every=3)
 PAPER_DEFAULTS = dict(arch="i3d", epochs=200, batch_size=128, moco_k=6536, moco_t=0.07, optimizer="sgd", lr=0.003,
                       knn_every=0)
+EMBEDDING_DIM = 128  # D of z_a, z_p, z_n and the queue (paper)
+SGD_MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # paper, Pre-training Settings
+LR_STEPS = (0.4, 0.6, 0.8)  # x0.1 at these fractions of the epochs: 80, 120, 160 of 200 (paper)
+KNN_K = 20  # neighbours of the kNN monitor, as InstDisc and MoCo's monitors
+PRINT_EVERY = 10  # steps between progress-bar updates, the only device syncs of a training loop
 
 
 # ---- distributed helpers (shared by finetune.py and retrieve.py) ------------------------
@@ -55,9 +57,9 @@ PAPER_DEFAULTS = dict(arch="i3d", epochs=200, batch_size=128, moco_k=6536, moco_
 def setup_distributed(workers: int = 0) -> tuple[int, int, torch.device]:
     """One process per device, as launched by torchrun; a plain `python` run is rank 0 of 1.
 
-    On the CPU the `workers` DataLoader processes need cores too: torch's one thread per core in
-    the training process on top of them made a CPU epoch 1.25x slower (README, "Speed"), so the
-    process keeps the cores the workers leave, unless OMP_NUM_THREADS says otherwise.
+    On the CPU the `workers` DataLoader processes need cores too: torch's one thread per core on top
+    of them made an epoch 1.25x slower (docs/RESULTS.md), so the process keeps the cores the
+    workers leave, unless OMP_NUM_THREADS says otherwise.
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -153,26 +155,17 @@ class DSM(nn.Module):
 
     z_a = f_q(a) is the query. p is MoCo's key k+: z_p = f_k(p), shuffle-BN, no gradient; the
     queue holds z_p of past batches, Eq. 7's embeddings of other videos, with the index of the
-    video each came from. The paper does not say which encoder embeds n: `n_encoder` "q" is f_q
-    (gradient reaches f_q through both z_a and z_n), "k" is f_k like every other key (gradient
-    through z_a alone). `p_encoder` "q" embeds p with f_q too: Eq. 5's single network f.
-    `bn_splits` > 1 emulates shuffle-BN on one process: every encoder sees the batch as that
-    many sub-batches with their own BatchNorm statistics (SplitBatchNorm3d), the keys shuffled
-    before they are grouped.
-    `mask_own` leaves queue keys of the anchor's own video out of Eq. 7's denominator.
-    `n_batch` "anchor" embeds n through f_q in one forward with a (one BatchNorm batch), "own" alone.
+    video each came from, so that keys of the anchor's own video leave Eq. 7's denominator. The
+    paper does not say which encoder embeds n: here f_q, with gradient, in a forward of its own
+    (through f_k the synthetic demo's kNN was far lower: docs/RESULTS.md). `bn_splits` > 1
+    emulates shuffle-BN on one process: every encoder sees the batch as that many sub-batches
+    with their own BatchNorm statistics, the keys shuffled before they are grouped.
     """
 
     def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07,
-                 bn_splits: int = 1, n_encoder: str = "q", p_encoder: str = "k", mask_own: bool = True,
-                 n_batch: str = "own"):
+                 bn_splits: int = 1):
         super().__init__()
-        assert n_encoder in ("q", "k") and p_encoder in ("q", "k"), (n_encoder, p_encoder)
-        assert n_batch in ("own", "anchor") and (n_batch == "own" or n_encoder == "q"), (n_batch, n_encoder)
-        self.n_batch = n_batch
-        assert K == 0 or p_encoder == "k", "the queue holds keys: Eq. 7 needs p through f_k"
         self.K, self.m, self.tau = K, m, tau
-        self.n_encoder, self.p_encoder, self.mask_own = n_encoder, p_encoder, mask_own
         self.encoder_q = split_batchnorm_(models.Encoder(arch, dim), bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for param_k in self.encoder_k.parameters():
@@ -201,24 +194,17 @@ class DSM(nn.Module):
         x, idx_unshuffle = batch_shuffle(x)
         return batch_unshuffle(self.encoder_k(x), idx_unshuffle)
 
-    def encode(self, x: torch.Tensor, encoder: str) -> torch.Tensor:
-        return self.encoder_q(x) if encoder == "q" else self.encode_keys(x)
-
     def forward(self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None,
                 video: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """a, p, n: (B, C, T, H, W), video: (B,) dataset index -> z_a, z_p, z_n (B, D) and the Eq. 7 logits."""
         self.momentum_update()
-        if n is not None and self.n_batch == "anchor":
-            z_a, z_n = self.encoder_q(torch.cat([a, n])).chunk(2)  # (B, D) each, one BatchNorm batch
-        else:
-            z_a = self.encode(a, "q")  # (B, D), unit norm
-            z_n = None if n is None else self.encode(n, self.n_encoder)  # (B, D)
-        z_p = self.encode(p, self.p_encoder)  # (B, D)
+        z_a = self.encoder_q(a)  # (B, D), unit norm
+        z_n = None if n is None else self.encoder_q(n)  # (B, D)
+        z_p = self.encode_keys(p)  # (B, D)
         out = {"z_a": z_a, "z_p": z_p, "z_n": z_n}
         if self.K > 0:
             own = self.queue_video[None] == video[:, None]  # (B, K): keys of the anchor's own video
-            out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau,
-                                               own if self.mask_own else None)
+            out["logits"] = contrastive_logits(z_a, z_p, z_n, self.queue.clone().detach(), self.tau, own)
             out["own_in_queue"] = own.any(1).float().mean()  # logged: how often the mask matters
             self.enqueue(z_p, video)
         return out
@@ -244,8 +230,8 @@ def contrastive_logits(z_a: torch.Tensor, z_p: torch.Tensor, z_n: torch.Tensor |
     return torch.cat([l_pos, *l_neg], dim=1) / tau  # Eq. 7's logits
 
 
-def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float, triplet_weight: float) -> dict[str, torch.Tensor]:
-    """The loss terms of one batch and their weighted sum under "loss"."""
+def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch and, under "loss", the one trained on or (both) their sum."""
     terms = {}
     if loss in ("contrastive", "both"):
         logits = out["logits"].float()
@@ -262,7 +248,7 @@ def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float, triplet_w
         d_an = (out["z_a"] - out["z_n"]).norm(dim=1)  # d(z_a, z_n)
         terms["triplet"] = F.relu(d_ap - d_an + margin).mean()  # Eq. 5, averaged over the batch
     if loss == "both":
-        terms["loss"] = terms["contrastive"] + triplet_weight * terms["triplet"]
+        terms["loss"] = terms["contrastive"] + terms["triplet"]
     else:
         terms["loss"] = terms[loss]
     return terms
@@ -298,10 +284,9 @@ def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
 def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.utils.data.DataLoader:
     """Triplets (a, p, n) from the training split; Table 4's rows choose the disturbances."""
     transform = augment.DSMTriplet(args.size, positive=args.positive, negative=args.negative,
-                                   tps_points=args.tps_points, tps_offset=args.tps_offset,
-                                   flow_max=args.flow_max, flow_scale=args.flow_scale,
-                                   crop_scale=args.crop_scale, flip=args.flip == "on", flow_padding=args.flow_padding)
-    shift = (args.shift_min, args.shift_max) if args.negative in ("disturb", "shift") else None  # Eq. 4
+                                   flow_max=args.flow_max, crop_scale=args.crop_scale,
+                                   flip=args.flip)
+    shift = args.shift if args.negative in ("disturb", "shift") else None
     on_device = args.augment_device != "cpu"  # workers decode and draw; train_one_epoch applies b, s, t
     dataset = data.ClipDataset(data.build_source(args, train=True), args.clip_len, args.stride,
                                augment.FramesAndDraws(transform) if on_device else transform,
@@ -313,15 +298,17 @@ def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.ut
 # ---- training ----------------------------------------------------------------------------
 
 def make_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The paper's SGD (momentum 0.9, weight decay 5e-4), or AdamW with the same weight decay."""
+    """The paper's SGD (momentum 0.9, weight decay 5e-4), or AdamW with that weight decay."""
     if args.optimizer == "adam":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
+    return torch.optim.SGD(params, lr=args.lr, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
 def learning_rate(args: argparse.Namespace, epoch: int) -> float:
-    """Step schedule: x0.1 at each of --lr-steps (the paper: 80/120/160 of 200 epochs)."""
-    return args.lr * 0.1 ** sum(epoch >= step for step in args.lr_steps)
+    """SGD: x0.1 at 40, 60 and 80% of the epochs (the paper: 80/120/160 of 200); AdamW: constant."""
+    if args.optimizer == "adam":
+        return args.lr
+    return args.lr * 0.1 ** sum(epoch >= round(args.epochs * f) for f in LR_STEPS)
 
 
 def check_finite(terms: dict[str, float], epoch: int, step: int) -> None:
@@ -337,7 +324,7 @@ def train_step(model: nn.Module, views: torch.Tensor, video: torch.Tensor, optim
     of the videos `video` (B,)."""
     a, p, n = (as_input(views[:, i], args) if i < views.shape[1] else None for i in range(3))
     with torch.autocast(views.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        terms = dsm_losses(model(a, p, n, video), args.loss, args.margin, args.triplet_weight)
+        terms = dsm_losses(model(a, p, n, video), args.loss, args.margin)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms["loss"]).backward()
     scaler.step(optimizer)
@@ -376,8 +363,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             sums[k] = sums.get(k, 0.0) + v
         skipped += int((batch["skipped"] > 0).sum())  # sample i skips exactly when video i is bad
         seen += len(views) * world_size()
-        if step % args.print_freq == 0 or step == len(loader):
-            means = {k: float(v) / step for k, v in sums.items()}  # the only device sync, every print_freq steps
+        if step % PRINT_EVERY == 0 or step == len(loader):
+            means = {k: float(v) / step for k, v in sums.items()}
             check_finite(means, epoch, step)
             elapsed = time.perf_counter() - t_start
             bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -458,9 +445,9 @@ def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, d
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         train_f, train_y, train_s = embed(backbone, loaders[0], device)
         test_f, test_y, test_s = embed(backbone, loaders[1], device)
-    out = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=args.knn_k)}
+    out = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y, k=KNN_K)}
     if bool((train_s >= 0).all()) and bool((test_s >= 0).all()):
-        out["knn_scene_top1"] = knn_top1(train_f, train_s, test_f, test_s, k=args.knn_k)
+        out["knn_scene_top1"] = knn_top1(train_f, train_s, test_f, test_s, k=KNN_K)
     return out
 
 
@@ -555,7 +542,6 @@ def add_run_args(parser: argparse.ArgumentParser, out: str, training: bool) -> a
     run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
     if training:
         run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (default: off)")
-        run.add_argument("--print-freq", type=int, default=10, help="progress-bar update every N steps (default: 10)")
     return run
 
 
@@ -571,29 +557,13 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                         help="disturb = M-disturb (flow scaling + temporal shift), flow = Scaling-Of, shift = T-Shift, "
                              "none = queue negatives only; '--positive none --negative none' is the MoCo baseline "
                              "(default: disturb)")
-    method.add_argument("--moco-dim", type=int, default=128, help="embedding size D (default: 128)")
+    method.add_argument("--flow-max", type=float, default=5.0, help="M of Eq. 3: phi(t) ~ U[0, M] (default: 5)")
     method.add_argument("--moco-k", type=int, default=None, help="queue length K (default: 512 on synthetic, else 6536)")
     method.add_argument("--moco-m", type=float, default=0.99, help="momentum m of f_k (default: 0.99)")
     method.add_argument("--moco-t", type=float, default=None,
                         help="temperature tau of Eq. 7; the paper writes 1, its code uses 0.07 "
                              "(default: 0.04 on synthetic, else 0.07)")
-    method.add_argument("--n-encoder", choices=["q", "k"], default="q",
-                        help="which encoder embeds the negative n: q = f_q, with gradient; k = the momentum encoder "
-                             "f_k, like the queue's keys (default: q)")
-    method.add_argument("--n-batch", choices=["own", "anchor"], default="own",
-                        help="with --n-encoder q, the BatchNorm batch of n: own = a forward of the negatives alone; "
-                             "anchor = one forward with the anchors, so BatchNorm cannot normalise away what all "
-                             "negatives share (default: own)")
-    method.add_argument("--p-encoder", choices=["q", "k"], default="k",
-                        help="which encoder embeds the positive p; q (one network f, as Eq. 5 is written) only with "
-                             "--loss triplet, since the queue holds f_k's keys (default: k)")
-    method.add_argument("--mask-own", choices=["on", "off"], default="on",
-                        help="leave queue keys of the anchor's own video out of Eq. 7 (default: on)")
-    method.add_argument("--bn-splits", type=int, default=None,
-                        help="BatchNorm groups per process, the keys shuffled across them: shuffle-BN on a single "
-                             "process (default: 4 on one process, 1 per rank under torchrun)")
     method.add_argument("--margin", type=float, default=0.5, help="triplet margin of Eq. 5 (default: 0.5)")
-    method.add_argument("--triplet-weight", type=float, default=1.0, help="weight of Eq. 5 with --loss both (default: 1.0)")
     optim = parser.add_argument_group("optimisation (paper: Pre-training Settings)")
     optim.add_argument("--epochs", type=int, default=None, help="default: 6 on synthetic, else 200")
     optim.add_argument("--batch-size", type=int, default=None,
@@ -601,19 +571,14 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr", type=float, default=None,
                        help="learning rate for the global batch; the paper's SGD 0.003 is for 128, scale it "
                             "linearly with the batch (default: AdamW 1e-3 on synthetic, else 0.003)")
-    optim.add_argument("--lr-steps", type=int, nargs="+", default=None,
-                       help="epochs where lr is multiplied by 0.1 (default: none on synthetic, else 40%%, 60%%, "
-                            "80%% of --epochs, i.e. 80 120 160 of 200)")
     optim.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                       help="sgd = the paper's SGD with momentum; adam = AdamW (default: adam on synthetic, else sgd)")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    optim.add_argument("--wd", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+                       help="sgd = the paper's SGD (momentum 0.9, weight decay 5e-4, lr x0.1 at 40, 60 and 80%% of "
+                            "the epochs); adam = AdamW, constant lr (default: adam on synthetic, else sgd)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_args(parser)
-    augment.add_augment_args(parser)
     parser.add_argument("--augment-device", choices=["cpu", "cuda"], default=None,
                         help="where b, s and t run: cpu = per sample in the DataLoader workers; cuda = batched on "
                              "the training GPU, the workers only decode and draw (default: cuda when training on "
@@ -622,20 +587,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = add_run_args(parser, "runs/pretrain", training=True)
     run.add_argument("--knn-every", type=int, default=None,
                      help="kNN monitor every N epochs, 0 = only at the end (default: 3 on synthetic, else 0)")
-    run.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN monitor (default: 20)")
     args = resolve_defaults(parser.parse_args(argv), SYNTHETIC_DEFAULTS, PAPER_DEFAULTS)
     data.resolve_data_args(args)
     args.augment_device = args.augment_device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.augment_device == "cuda" and not torch.cuda.is_available():
         parser.error("--augment-device cuda needs a GPU; this machine has none")
-    if args.lr_steps is None:
-        args.lr_steps = [round(args.epochs * f) for f in (0.4, 0.6, 0.8)]
     if args.loss != "contrastive" and args.negative == "none":
         parser.error(f"--loss {args.loss} needs a negative for Eq. 5: choose --negative disturb, flow or shift")
-    if args.n_batch == "anchor" and args.n_encoder != "q":
-        parser.error("--n-batch anchor needs --n-encoder q: f_k embeds n without the anchors")
-    if args.loss != "triplet" and args.p_encoder == "q":
-        parser.error("--p-encoder q needs --loss triplet: Eq. 7's queue holds keys of the momentum encoder f_k")
     if args.loss != "triplet" and args.moco_k < args.batch_size:
         parser.error(f"--moco-k {args.moco_k} must hold at least one global batch (--batch-size {args.batch_size})")
     return args
@@ -650,6 +608,7 @@ def check_queue(args: argparse.Namespace, num_videos: int) -> None:
 
 
 MIN_BN_GROUP = 4  # clips per BatchNorm group below which its batch statistics are mostly noise
+BN_SPLITS = 4  # shuffle-BN on one process: BatchNorm groups, as MoCo's single-GPU demo (4 devices' worth)
 
 
 def print_config(stage: str, args: argparse.Namespace, world: int, bn_group: int | None, **fields: object) -> None:
@@ -668,7 +627,7 @@ def print_config(stage: str, args: argparse.Namespace, world: int, bn_group: int
                       "--split-dir SPLITS, which also selects 224 px, 16 x 4 frames, batch 128, K 6536, 200 epochs.")
     if bn_group is not None and bn_group < MIN_BN_GROUP:
         warnings.warn(f"BatchNorm sees {bn_group} clips at a time ({args.batch_size} over {world} ranks"
-                      f"{'' if world > 1 else ' and --bn-splits groups'}): raise --batch-size to at least "
+                      f"{'' if world > 1 else f' and {BN_SPLITS} shuffle-BN groups'}): raise --batch-size to at least "
                       f"{MIN_BN_GROUP * args.batch_size // bn_group} for batch statistics worth the name.")
 
 
@@ -693,15 +652,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     loader = pretrain_loader(args, rank, world)
     check_queue(args, len(loader.dataset))
-    args.bn_splits = args.bn_splits or (4 if world == 1 else 1)
-    assert (args.batch_size // world) % args.bn_splits == 0, \
-        f"the per-rank batch {args.batch_size // world} must split into --bn-splits {args.bn_splits} groups"
-    print_config("pretrain", args, world, args.batch_size // world // args.bn_splits,
+    bn_splits = BN_SPLITS if world == 1 else 1  # under DDP every rank is a BatchNorm group of its own
+    assert (args.batch_size // world) % bn_splits == 0, \
+        f"the batch {args.batch_size} must split into {bn_splits} BatchNorm groups of the same size"
+    print_config("pretrain", args, world, args.batch_size // world // bn_splits,
                  method=f"loss {args.loss}, positive {args.positive}, negative {args.negative}",
                  queue=f"K {args.moco_k}, tau {args.moco_t}" if args.loss != "triplet" else "none",
                  schedule=f"{args.epochs} epochs, {args.optimizer} lr {args.lr}")
-    model = DSM(args.arch, args.moco_dim, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
-                args.bn_splits, args.n_encoder, args.p_encoder, args.mask_own == "on", args.n_batch)
+    model = DSM(args.arch, EMBEDDING_DIM, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
+                bn_splits)
     model = place(model, args, device)
     optimizer = make_optimizer(model.encoder_q.parameters(), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(args, device) == torch.float16)
