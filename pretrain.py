@@ -538,7 +538,7 @@ def add_run_args(parser: argparse.ArgumentParser, out: str, training: bool) -> a
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=out, help=f"run folder (default: {out})")
     run.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations (default: 0)")
-    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA, bf16 where supported (default: off)")
+    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA: bf16 where native, else fp16 (default: off)")
     run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
     if training:
         run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (default: off)")
