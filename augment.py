@@ -1,32 +1,23 @@
-"""Augmentations of DSM: the triplet a = b(c1), p = s(b(c2)), n = t(b(c3)) (paper, "Methodology").
+"""Augmentations of DSM (paper, "Methodology"): the triplet a = b(c1), p = s(b(c2)), n = t(b(c3)).
 
-    b  basic augmentation: random resized crop and colour jitter, drawn once per view, and a
-       horizontal flip drawn once per triplet (a flip can change the class: Left becomes Right,
-       so a and p must never differ in direction); all applied identically to every frame
-       (temporally consistent).
+    b  basic augmentation: random resized crop and colour jitter per view, one horizontal flip per triplet
+       (a flip can turn Left into Right, so a and p must share it); each the same on every frame.
     s  Spatial Local Disturbance: a thin-plate-spline (TPS) warp, one warp for all frames.
-    t  Temporal Local Disturbance: optical-flow scaling (Eq. 3, Farneback flow from OpenCV)
-       on top of the temporal shift (Eq. 4), whose frames the dataset (data.py) decodes.
+    t  Temporal Local Disturbance: optical-flow scaling (Eq. 3, OpenCV's Farneback flow) on top of the
+       temporal shift (Eq. 4), whose frames data.py decodes.
 
-Our reading of "Overall Architecture": c1, c2, c3 are three independent random crops of the
-same decoded frames (c3 of the tau-shifted frames when the negative uses the shift), b runs
-on all three views and s, t come after it. With `positive="none"` the positive is then
-exactly the standard MoCo second view, so the rows of Table 4 differ only in s and t.
+Our reading of "Overall Architecture": c1, c2, c3 are independent random crops of the same frames (c3 of the
+tau-shifted ones when the negative uses the shift), and s, t come after b: with positive="none" the positive is
+the standard MoCo second view, so the rows of Table 4 differ only in s and t.
 
-The dataset calls `transform(clip, shifted, rng)` with uint8 numpy frames (T, H, W, 3) and a
-numpy Generator; every random draw comes from that Generator, so a sample is a function of
-its seed. Inside this file clips are float tensors (C, T, H, W) in [0, 1]; MEAN/STD
-normalisation is the very last step.
-
-The device path (pretrain.py --augment-device cuda) splits that call in two: the workers
-decode and draw (FramesAndDraws), the training process applies b, s and t to a whole batch on
-its GPU (DSMTriplet.apply_batch, with farneback_torch in place of OpenCV), from the same draws.
+The dataset calls transform(clip, shifted, rng) with uint8 frames (T, H, W, 3); every random draw comes from the
+numpy Generator rng, so a sample is a function of its seed. Clips are float (C, T, H, W) in [0, 1] here; MEAN/STD
+normalisation is the last step. The device path (pretrain.py --augment-device cuda): the workers decode and draw
+(FramesAndDraws), the training process applies b, s, t to a batch on its GPU (DSMTriplet.apply_batch).
 
     python augment.py --show VIDEO OUT.png     # one triplet as a picture: rows a, p, n
 """
 import argparse
-import contextlib
-from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -48,8 +39,8 @@ FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, po
 TPS_POINTS = 5  # destination grid of the TPS, points per side: the authors' 5 x 5
 TPS_OFFSET = 0.1  # C of the offsets U[-C, C] as a fraction of the frame size (paper: 1/10)
 
+CropBox = tuple[int, int, int, int]  # top, left, h, w
 
-# ---- geometry shared by the TPS warp and the flow scaling ---------------------
 
 def pixel_centres(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
     """(H, W, 2) float64 (x, y) of every pixel centre in grid_sample units (align_corners=False)."""
@@ -61,9 +52,9 @@ def pixel_centres(height: int, width: int, device: torch.device | str = "cpu") -
 
 # ---- basic augmentation b -------------------------------------------------------
 
-def resize_crop(frames: np.ndarray | Tensor, box: tuple[int, int, int, int], size: int, flip: bool = False) -> Tensor:
-    """Crop box (top, left, h, w) of uint8 (T, H, W, 3) frames, resize to size x size, optionally
-    mirror left-right: float (C, T, size, size) in [0, 1], on the frames' device."""
+def resize_crop(frames: np.ndarray | Tensor, box: CropBox, size: int, flip: bool = False) -> Tensor:
+    """Crop box of uint8 (T, H, W, 3) frames, resize to size x size, mirror left-right if flip:
+    float (C, T, size, size) in [0, 1], on the frames' device."""
     top, left, h, w = box
     # (T, H, W, 3) viewed as (T, 3, H, W) is channels-last uint8: torch's fast antialiased path
     crop = torch.as_tensor(frames)[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
@@ -78,19 +69,14 @@ def resize_crop(frames: np.ndarray | Tensor, box: tuple[int, int, int, int], siz
 
 
 def colour_jitter(clip: Tensor, factors: np.ndarray | Tensor) -> Tensor:
-    """Brightness b, contrast c, saturation s = factors (..., 3), on clips (..., C, T, H, W).
-
-    Each is linear in the colour: brightness x -> b x, contrast x -> c x + (1 - c) m with m the
-    mean grey of the whole clip (so every frame moves alike), saturation x -> s x + (1 - s) grey(x).
-    Together they are one 3x3 colour matrix plus an offset, applied in a single pass and clamped
-    once (torchvision clamps after each step). Hue is left out: its RGB <-> HSV round trip would
-    cost more than the rest of b.
-    """
+    """Brightness b, contrast c, saturation s = factors (..., 3) on clips (..., C, T, H, W): x -> b x, then
+    c x + (1 - c) m with m the mean grey of the whole clip (every frame moves alike), then s x + (1 - s) grey(x).
+    All linear: one 3x3 colour matrix plus an offset, clamped once (torchvision clamps after each step).
+    No hue: its RGB <-> HSV round trip would cost more than the rest of b."""
     f = torch.as_tensor(factors, dtype=torch.float64).to(clip.device)
     b, c, s = f[..., 0], f[..., 1], f[..., 2]
     luma = torch.tensor(LUMA, device=clip.device)
-    # float64 where the scalars were float64, float32 where they met the clip: one sample's result
-    # is the same whether it comes alone or in a batch
+    # float64 where the scalars were float64, float32 where they met the clip: alone or in a batch, the same result
     m = b * torch.einsum("c,...cthw->...", luma, clip).double() / clip.shape[-3:].numel()
     eye, grey_rows = torch.eye(3, device=clip.device), torch.outer(torch.ones(3, device=clip.device), luma)
     saturate = s.float()[..., None, None] * eye + (1 - s).float()[..., None, None] * grey_rows  # keeps grey
@@ -111,12 +97,9 @@ def check_frames(frames: np.ndarray, name: str) -> None:
 
 
 class BasicAugment:
-    """b: random resized crop + colour jitter, drawn once per view, and a horizontal flip chosen
-    by the caller (one coin per triplet, or none where a flip changes the class).
-
-    Crop: area fraction ~ U[crop_scale], log aspect ratio ~ U[log crop_ratio] (torchvision's
-    RandomResizedCrop; 10 tries, then the largest centred crop), resized to size x size.
-    """
+    """b: random resized crop + colour jitter, drawn once per view; the caller chooses the flip. The crop is
+    torchvision's RandomResizedCrop: area fraction ~ U[crop_scale], log aspect ratio ~ U[log crop_ratio], 10 tries,
+    then the largest centred crop; resized to size x size."""
 
     def __init__(self, size: int = 112, crop_scale: tuple[float, float] = (0.3, 1.0),
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4):
@@ -126,8 +109,8 @@ class BasicAugment:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
         self.size, self.crop_scale, self.crop_ratio, self.jitter = size, tuple(crop_scale), crop_ratio, jitter
 
-    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of a random crop, the same for every frame of the view."""
+    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> CropBox:
+        """A random crop, the same for every frame of the view."""
         log_ratio = np.log(self.crop_ratio)
         for _ in range(10):
             area = height * width * rng.uniform(*self.crop_scale)
@@ -140,11 +123,11 @@ class BasicAugment:
         h, w = min(height, round(width / ratio)), min(width, round(height * ratio))
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
+    def draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[CropBox, np.ndarray | None]:
         """One view's draws: its crop box, then its jitter factors (None without jitter)."""
         return self.crop_box(height, width, rng), draw_jitter(self.jitter, rng)
 
-    def apply(self, frames: np.ndarray | Tensor, box: tuple[int, int, int, int], factors: np.ndarray | None,
+    def apply(self, frames: np.ndarray | Tensor, box: CropBox, factors: np.ndarray | None,
               flip: bool = False) -> Tensor:
         """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1], given the view's draws."""
         view = resize_crop(frames, box, self.size, flip=flip)
@@ -170,13 +153,9 @@ def tps_kernel(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def tps_matrix(dst: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(HW, N) matrix A of the TPS through the destination points dst (N, 2): for any source points
-    src (N, 2), A @ src is the grid of the spline f with f(dst_i) = src_i at every pixel centre.
-
-    f(p) = sum_i w_i U(|p - d_i|) + a_0 + a_x x + a_y y, with [w; a] = L^-1 [src; 0] and L the
-    (N+3, N+3) system [[K, P], [P^T, 0]] (interpolation, and no affine part in the bending w).
-    f is linear in src, so L^-1 and the kernel between pixels and d_i fold into A once.
-    """
+    """(HW, N) matrix A such that, for source points src (N, 2), A @ src is the TPS f with f(dst_i) = src_i
+    at every pixel centre. f(p) = sum_i w_i U(|p - d_i|) + a_0 + a_x x + a_y y with [w; a] = L^-1 [src; 0],
+    L = [[K, P], [P^T, 0]] (interpolation, no affine part in w); f is linear in src, so L^-1 folds into A."""
     n = len(dst)
     features = lambda points: np.hstack([tps_kernel(points, dst), np.ones((len(points), 1)), points])  # [U, 1, x, y]
     L = np.zeros((n + 3, n + 3))
@@ -187,10 +166,8 @@ def tps_matrix(dst: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def tps_grid(dst: Tensor, src: Tensor, height: int, width: int) -> Tensor:
-    """(H, W, 2) grid_sample grid of the TPS f with f(dst_i) = src_i.
-
-    dst, src: (N, 2) (x, y) in [-1, 1]. The output pixel at dst_i samples the input at src_i.
-    """
+    """(H, W, 2) grid_sample grid of the TPS f with f(dst_i) = src_i, dst and src (N, 2) (x, y) in [-1, 1]:
+    the output pixel at dst_i samples the input at src_i."""
     assert dst.shape == src.shape and dst.ndim == 2 and dst.shape[1] == 2, (dst.shape, src.shape)
     A = tps_matrix(dst.double().numpy(), height, width)
     return torch.from_numpy(A @ src.double().numpy()).float().reshape(height, width, 2)
@@ -199,11 +176,10 @@ def tps_grid(dst: Tensor, src: Tensor, height: int, width: int) -> Tensor:
 class TPSWarp:
     """s: warp a clip with a random TPS, the same warp for every frame (temporally consistent).
 
-    Destination points d_i: a uniform points x points grid that includes the frame border
-    (corners at +-1), so the whole frame is disturbed evenly. Offsets Delta_i ~ U[-C, C] per
-    coordinate with C = offset x frame size, i.e. 2 * offset in grid units (the frame spans 2).
-    A new warp is grid = A @ src (tps_matrix, solved once) plus one grid_sample. Pixels sampled
-    outside the frame repeat the border: black corners would mark the positive.
+    Destination points d_i: a uniform points x points grid with corners at +-1, so the whole frame is disturbed
+    evenly; offsets Delta_i ~ U[-C, C] per coordinate, C = offset x frame size = 2 offset in grid units. A warp is
+    A @ src (tps_matrix, solved once) and one grid_sample; outside the frame it repeats the border: black corners
+    would mark the positive.
     """
 
     def __init__(self, height: int, width: int, points: int = 5, offset: float = 0.1):
@@ -219,8 +195,7 @@ class TPSWarp:
         self._A_on: dict[str, Tensor] = {}  # A as a tensor per device, for the device path
 
     def __getstate__(self) -> dict:
-        """What a DataLoader worker receives: no device copies of A, which would open a CUDA context
-        in every spawned worker."""
+        """No device copies of A for a DataLoader worker: they would open a CUDA context in each one."""
         return {**self.__dict__, "_A_on": {}}
 
     def grid(self, src: Tensor) -> Tensor:
@@ -283,19 +258,16 @@ def farneback_flow(clip: Tensor) -> Tensor:
     if T < 2:
         raise ValueError(f"optical flow needs at least 2 frames, got {T}")
     grey = grey_uint8(clip)  # (T, H, W)
-    # OpenCV returns flow with prev(p) ~= next(p + flow(p)); passing (frame t+1, frame t)
-    # as (prev, next) gives the convention of Eq. 2.
+    # OpenCV's flow has prev(p) ~= next(p + flow(p)): (frame t+1, frame t) as (prev, next) gives Eq. 2
     flow = np.stack([cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **FARNEBACK) for t in range(T - 1)])
     return torch.from_numpy(flow).permute(0, 3, 1, 2).contiguous()  # (T-1, 2, H, W)
 
 
 def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor) -> Tensor:
-    """Eq. 3: frame 0 unchanged, frame t+1 = frame t of `clip` sampled at p + phi[t] * flow[t](p).
-
-    Samples that fall outside the frame repeat its border. The paper shows a "wide black boundary"
-    for a large M; black blotches would mark the negative by something other than its motion.
-    """
-    *batch, channels, T, H, W = clip.shape  # (..., C, T, H, W): one clip or a batch of clips
+    """Eq. 3 on clips (..., C, T, H, W): frame 0 unchanged, frame t+1 = frame t sampled at p + phi[t] * flow[t](p).
+    Samples outside the frame repeat its border: the paper shows a "wide black boundary" for a large M, and
+    black blotches would mark the negative by something other than its motion."""
+    *batch, channels, T, H, W = clip.shape
     assert flow.shape == (*batch, T - 1, 2, H, W), (flow.shape, clip.shape)
     assert phi.shape == (*batch, T - 1), (phi.shape, clip.shape)
     to_grid = torch.tensor([2.0 / W, 2.0 / H], device=clip.device)  # one pixel in grid units
@@ -315,38 +287,26 @@ class DSMTriplet:
     """transform(clip, shifted, rng) -> (3, C, T, size, size): anchor a, positive p, negative n.
 
     positive: "tps" p = s(b(c2)) | "none" p = b(c2) (the MoCo second view).
-    negative: "disturb" (M-disturb) n = flow-scaled b(c3), c3 from the tau-shifted frames (Eq. 3 + 4)
-              "flow" (Scaling-Of) the same on the anchor's frames | "shift" (T-Shift) n = b(c3) of
-              the shifted frames | "none" no negative: returns (2, C, T, size, size).
-    Flow runs on the [0, 1] view at output size, before normalisation; phi(t) ~ U[0, M] per step.
-    flip: one coin per triplet mirrors a, p and n together, so they never differ in direction.
-
-    Drawing and applying are separate: `draw` is the only consumer of rng. The CPU path is
-    draw then `apply`, per sample in the DataLoader worker; the device path (FramesAndDraws in
-    the worker, `apply_batch` in the training process) applies the same draws to a whole batch.
+    negative: "disturb" (M-disturb) n = flow-scaled b(c3), c3 from the tau-shifted frames (Eq. 3 + 4) | "flow"
+              (Scaling-Of) the same on the anchor's frames | "shift" (T-Shift) n = b(c3) of the shifted frames |
+              "none" no negative: returns (2, C, T, size, size). phi(t) ~ U[0, M] per step; the flow is taken
+              on the [0, 1] view at output size. flip: one coin per triplet mirrors a, p and n together.
+    `draw` is the only consumer of rng; the CPU path is draw then `apply`, per sample in the DataLoader worker,
+    the device path (FramesAndDraws, then `apply_batch`) applies the same draws to a whole batch.
     """
 
     def __init__(self, size: int = 112, positive: str = "tps", negative: str = "disturb", flow_max: float = 5.0,
                  crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4, flip: bool = True):
-        if positive not in POSITIVES:
-            raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
-        if negative not in NEGATIVES:
-            raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
+        for name, value, allowed in (("positive", positive, POSITIVES), ("negative", negative, NEGATIVES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if flow_max < 0:
             raise ValueError(f"need flow_max >= 0, got {flow_max}")
         self.positive, self.negative, self.M, self.flip = positive, negative, flow_max, flip
+        self.uses_shift = negative in ("disturb", "shift")  # n needs the tau-shifted frames (Eq. 4)
+        self.scales_flow = negative in ("disturb", "flow")  # n is flow-scaled (Eq. 3)
         self.b = BasicAugment(size, crop_scale, jitter=jitter)
         self.s = TPSWarp(size, size, TPS_POINTS, TPS_OFFSET) if positive == "tps" else None
-
-    @property
-    def uses_shift(self) -> bool:
-        """Whether the negative needs the tau-shifted frames (Eq. 4)."""
-        return self.negative in ("disturb", "shift")
-
-    @property
-    def scales_flow(self) -> bool:
-        """Whether n is flow-scaled (Eq. 3): M-disturb and Scaling-Of."""
-        return self.negative in ("disturb", "flow")
 
     def check(self, clip: np.ndarray, shifted: np.ndarray | None) -> None:
         """Raise a ValueError unless the frames are what this triplet needs."""
@@ -359,13 +319,11 @@ class DSMTriplet:
                 raise ValueError(f"shifted frames {shifted.shape} differ from clip frames {clip.shape}")
 
     def draw(self, T: int, height: int, width: int, rng: np.random.Generator) -> dict[str, Tensor]:
-        """Every random choice of one triplet, in this order: flip coin; crop box and jitter of a, then
-        of p; TPS source points of s; crop box and jitter of n; phi of t. "box" (V, 4) rows are
-        (top, left, h, w) of a, p[, n]; "jitter" (V, 3) is present only with jitter, "src" (N, 2) only
-        with s, "phi" (T-1,) only with flow scaling."""
-        flip = self.flip and rng.random() < 0.5
+        """Every random choice of one triplet, in this order: flip coin; crop box and jitter of a, then of p;
+        TPS source points of s; crop box and jitter of n; phi of t. "box" (V, 4): the crops of a, p[, n];
+        "jitter" (V, 3) only with jitter, "src" (N, 2) only with s, "phi" (T-1,) only with flow scaling."""
+        draws = {"flip": torch.tensor(self.flip and rng.random() < 0.5)}
         views = [self.b.draw(height, width, rng), self.b.draw(height, width, rng)]  # c1, c2
-        draws = {"flip": torch.tensor(flip)}
         if self.s is not None:
             draws["src"] = self.s.sample_src(rng)
         if self.negative != "none":
@@ -384,15 +342,13 @@ class DSMTriplet:
     def apply(self, clip: np.ndarray, shifted: np.ndarray | None, draws: dict[str, Tensor]) -> Tensor:
         """The CPU path: one triplet (V, C, T, size, size) from its frames and its draws."""
         frames, flip = (clip, shifted), bool(draws["flip"])
-        views = []
-        for v, source in enumerate(self.sources()):
-            factors = draws["jitter"][v].numpy() if "jitter" in draws else None
-            views.append(self.b.apply(frames[source], tuple(draws["box"][v].tolist()), factors, flip))
+        views = [self.b.apply(frames[source], tuple(draws["box"][v].tolist()),
+                              draws["jitter"][v].numpy() if "jitter" in draws else None, flip)
+                 for v, source in enumerate(self.sources())]
         if self.s is not None:
             views[1] = self.s.apply(views[1], draws["src"])  # p = s(b(c2))
         if self.scales_flow:
-            n = views[2]
-            views[2] = scale_motion(n, farneback_flow(n), draws["phi"])  # Eq. 3
+            views[2] = scale_motion(views[2], farneback_flow(views[2]), draws["phi"])  # Eq. 3
         return torch.stack([normalise_(v) for v in views])  # (V, C, T, size, size)
 
     def __call__(self, clip: np.ndarray, shifted: np.ndarray | None, rng: np.random.Generator) -> Tensor:
@@ -400,9 +356,8 @@ class DSMTriplet:
         return self.apply(clip, shifted, self.draw(*clip.shape[:3], rng))
 
     def apply_batch(self, frames: list[Tensor], draws: dict[str, Tensor], device: torch.device | str) -> Tensor:
-        """The device path: triplets (B, V, C, T, size, size) on `device` from the workers' uint8 frames
-        (one (1 or 2, T, H, W, 3) tensor per sample: anchor[, shifted]; sizes may differ between videos)
-        and their collated draws. The same computation as `apply`, batched, with farneback_torch."""
+        """The device path: `apply` batched, with farneback_torch: triplets (B, V, C, T, size, size) on `device` from
+        the workers' uint8 frames (per sample (1 or 2, T, H, W, 3): anchor[, shifted]) and their collated draws."""
         boxes, flips = draws["box"].tolist(), draws["flip"].tolist()  # on the host: no device sync
         draws = {k: v.to(device, non_blocking=True) for k, v in draws.items() if k in ("jitter", "src", "phi")}
         frames = [f.to(device, non_blocking=True) for f in frames]
@@ -415,17 +370,14 @@ class DSMTriplet:
             views[:, 1] = self.s.warp(views[:, 1], self.s.grids(draws["src"]))  # p = s(b(c2))
         if self.scales_flow:
             n = views[:, 2]
-            views[:, 2] = scale_motion(n, batch_flow(n), draws["phi"])  # Eq. 3
+            views[:, 2] = scale_motion(n, farneback_torch(grey_levels(n), **FARNEBACK), draws["phi"])  # Eq. 3
         return normalise_(views)
 
 
 class ClipTransform:
-    """One normalised view (C, T, size, size) for fine-tuning and retrieval.
-
-    train: b (random crop, colour jitter, and a flip if `flip`); test: the centred square of side 7/8 of the short
-    side, resized to size x size (deterministic, rng unused). data.py decodes at a short side of
-    8/7 x size, so this is the usual 112-of-128 centre crop with no resampling.
-    """
+    """One normalised view (C, T, size, size) for fine-tuning and retrieval. train: b (random crop, colour
+    jitter, and a flip if `flip`); test: the centred square of side 7/8 of the short side, resized to size
+    (rng unused). data.py decodes at short side 8/7 x size: the usual 112-of-128 centre crop, no resampling."""
 
     def __init__(self, size: int = 112, train: bool = True, flip: bool = True,
                  crop_scale: tuple[float, float] = (0.3, 1.0)):
@@ -444,12 +396,16 @@ class ClipTransform:
         return normalise_(resize_crop(clip, ((H - side) // 2, (W - side) // 2, side, side), self.size))
 
 
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers run one thread each: torch sets its own, OpenCV's must be set here."""
+    cv2.setNumThreads(1)
+
+
 # ---- the device path: the workers decode and draw, the GPU applies a batch ----------
 
 class FramesAndDraws:
     """The device path's DataLoader transform: (clip, shifted, rng) -> {"frames": uint8 (1 or 2, T, H, W, 3),
-    "draws": triplet.draw(...)}: the worker decodes and draws, the training process applies
-    (DSMTriplet.apply_batch). Collate with collate_frames."""
+    "draws": triplet.draw(...)}, for DSMTriplet.apply_batch in the training process. Collate with collate_frames."""
 
     def __init__(self, triplet: DSMTriplet):
         self.triplet = triplet
@@ -468,69 +424,48 @@ def collate_frames(batch: list[dict]) -> dict:
     return out
 
 
-def batch_flow(clips: Tensor) -> Tensor:
-    """farneback_flow for a batch (B, C, T, H, W) on its device -> (B, T-1, 2, H, W), with farneback_torch."""
-    return farneback_torch(grey_levels(clips), **FARNEBACK)
-
-
-# Farneback flow in torch, batched.
-# Farneback (2003), "Two-frame motion estimation based on polynomial expansion", organised as
-# cv::calcOpticalFlowFarneback is (flags=0: box window), so the same FARNEBACK parameters give the
-# same flow: a quadratic fitted per pixel, a displacement solved per window, coarse to fine.
+# Farneback flow in torch, batched: Farneback (2003), "Two-frame motion estimation based on polynomial expansion",
+# organised as cv::calcOpticalFlowFarneback (flags=0: box window), so the same FARNEBACK parameters give the same flow.
 
 FARNEBACK_MIN_SIDE = 32  # OpenCV stops the pyramid before a level with a side below this
 FARNEBACK_BORDER = (0.14, 0.14, 0.4472, 0.4472, 0.4472)  # OpenCV's weights of the 5 pixels nearest an edge
 
 
 def farneback_scales(height: int, width: int, pyr_scale: float, levels: int) -> list[float]:
-    """Scale of every pyramid level, finest first: the frames and up to `levels` smaller ones, only
-    those with both sides >= 32 (OpenCV's rule)."""
+    """Scales of the pyramid levels, finest first: 1 and up to `levels` smaller ones with both sides >= 32 (OpenCV)."""
     scales = [1.0]
     while len(scales) <= levels and min(height, width) * scales[-1] * pyr_scale >= FARNEBACK_MIN_SIDE:
         scales.append(scales[-1] * pyr_scale)
     return scales
 
 
-def gaussian_blur(x: Tensor, sigma: float, ksize: int) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W), reflect-101 borders (cv2.GaussianBlur's default).
-    sigma 0 is OpenCV's fixed 3-tap [1, 2, 1] / 4."""
-    r = ksize // 2
-    taps = torch.arange(-r, r + 1, dtype=torch.float64)
-    g = torch.exp(-taps ** 2 / (2 * sigma ** 2)) if sigma > 0 else torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
-    g = (g / g.sum()).to(x)
-    channels = x.shape[1]
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    return F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-
-
 def pyramid_level(frames: Tensor, scale: float, height: int, width: int) -> Tensor:
-    """(B, 1, h, w): each level is blurred and resized from the full frames, not from the level above."""
-    sigma = (1 / scale - 1) / 2  # anti-aliasing for this scale
-    ksize = max(round(sigma * 5) | 1, 3)
-    level = gaussian_blur(frames, sigma, ksize)
+    """(B, 1, H, W) -> (B, 1, h, w): blurred against aliasing and resized from the full frames, not from the level
+    above. The blur is cv2.GaussianBlur's: separable, reflect-101 borders, at sigma 0 the fixed [1, 2, 1] / 4."""
+    sigma = (1 / scale - 1) / 2
+    r = max(round(sigma * 5) | 1, 3) // 2
+    taps = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-taps ** 2 / (2 * sigma ** 2)) if sigma > 0 else torch.tensor([0.25, 0.5, 0.25]).double()
+    g = (g / g.sum()).to(frames)
+    level = F.conv2d(F.pad(frames, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1))
+    level = F.conv2d(F.pad(level, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
     if (height, width) == tuple(frames.shape[-2:]):
         return level
     return F.interpolate(level, size=(height, width), mode="bilinear", align_corners=False)
 
 
-def poly_basis(n: int, sigma: float) -> tuple[Tensor, Tensor]:
-    """The Gaussian applicability g on [-n, n] and the (5, 6) matrix taking the six correlations
-    <f, g x^i y^j> (1, x, y, x^2, y^2, xy) to the fit's b_x, b_y, A_xx, A_yy, A_xy (least squares)."""
+def poly_expansion(frames: Tensor, n: int, sigma: float) -> Tensor:
+    """(B, 1, H, W) -> (B, 5, H, W) quadratic f(p) ~ p^T A p + b^T p + c per pixel: b_x, b_y, A_xx, A_yy, A_xy
+    (the full xy coefficient), least squares under the Gaussian applicability g on [-n, n]. Separable: a vertical
+    pass with g, y g, y^2 g (replicated border, as OpenCV), then a horizontal one giving the six correlations
+    <f, g x^i y^j> (1, x, y, x^2, y^2, xy), which a (5, 6) matrix takes to the fit."""
+    sigma = sigma if sigma > 0 else 0.3 * n
     taps = torch.arange(-n, n + 1, dtype=torch.float64)
     g = torch.exp(-taps ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
     y, x = torch.meshgrid(taps, taps, indexing="ij")
     basis = torch.stack([torch.ones_like(x), x, y, x * x, y * y, x * y])  # (6, 2n+1, 2n+1)
-    gram = torch.einsum("iyx,jyx,y,x->ij", basis, basis, g, g)
-    return g, torch.linalg.inv(gram)[1:]  # the constant term is never used
-
-
-def poly_expansion(frames: Tensor, n: int, sigma: float) -> Tensor:
-    """(B, 1, H, W) -> (B, 5, H, W) quadratic f(p) ~ p^T A p + b^T p + c per pixel: b_x, b_y, A_xx,
-    A_yy, A_xy (the full xy coefficient). Separable: a vertical pass with g, y g, y^2 g (replicated
-    border, as OpenCV), then a horizontal pass giving the six correlations."""
-    g, solve = poly_basis(n, sigma if sigma > 0 else 0.3 * n)
-    taps = torch.arange(-n, n + 1, dtype=torch.float64)
+    solve = torch.linalg.inv(torch.einsum("iyx,jyx,y,x->ij", basis, basis, g, g))[1:]  # the constant is never used
     one, lin, quad = g, taps * g, taps ** 2 * g
     vertical = torch.stack([one, lin, quad]).view(3, 1, -1, 1).to(frames)
     rows = F.conv2d(F.pad(frames, (0, 0, n, n), mode="replicate"), vertical)  # (B, 3, H, W): 1, y, y^2
@@ -584,56 +519,30 @@ def farneback_solve(M: Tensor, winsize: int) -> Tensor:
 
 def farneback_torch(grey: Tensor, pyr_scale: float = 0.5, levels: int = 3, winsize: int = 15, iterations: int = 3,
                     poly_n: int = 5, poly_sigma: float = 1.2, flags: int = 0) -> Tensor:
-    """(N, T, H, W) grey in [0, 255] -> (N, T-1, 2, H, W) flow as farneback_flow gives it:
-    clip[:, t+1](p) ~= clip[:, t](p + flow[t](p)) (Eq. 2), all frame pairs of the batch at once.
-
-    Each frame's polynomial fit serves both pairs it belongs to. flags must be 0 (box window). TF32
-    is off inside: its 10-bit mantissa moved the flow from OpenCV's by 0.17 px at worst."""
+    """(N, T, H, W) grey in [0, 255] -> (N, T-1, 2, H, W) flow as farneback_flow gives it (Eq. 2), all frame
+    pairs at once: each frame's polynomial fit serves both pairs it is in. flags must be 0 (box window). cuDNN's
+    TF32 (PyTorch's default for convolutions on Ampere and newer) is off: it moved the flow by 0.17 px at worst."""
     if flags != 0:
         raise ValueError(f"farneback_torch implements flags=0 only, got {flags}")
-    with full_fp32():
-        return _farneback_levels(grey, pyr_scale, levels, winsize, iterations, poly_n, poly_sigma)
-
-
-@contextlib.contextmanager
-def full_fp32() -> Iterator[None]:
-    """cuDNN convolutions in full float32: PyTorch lets them use TF32 on Ampere and newer by default
-    (matmuls it does not, and Farneback here runs on convolutions alone)."""
+    N, T, H, W = grey.shape
+    frames, flow = grey.reshape(N * T, 1, H, W).float(), None
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        yield
+        for scale in reversed(farneback_scales(H, W, pyr_scale, levels)):  # coarse to fine
+            h, w = round(H * scale), round(W * scale)
+            R = poly_expansion(pyramid_level(frames, scale, h, w), poly_n, poly_sigma).view(N, T, 5, h, w)
+            R0, R1 = R[:, 1:].reshape(-1, 5, h, w), R[:, :-1].reshape(-1, 5, h, w)  # flow from frame t+1 into t
+            flow = (torch.zeros(N * (T - 1), 2, h, w, device=grey.device) if flow is None
+                    else F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) / pyr_scale)
+            border = border_weights(h, w, grey.device)
+            ys, xs = torch.meshgrid(torch.arange(h, device=grey.device, dtype=flow.dtype),
+                                    torch.arange(w, device=grey.device, dtype=flow.dtype), indexing="ij")
+            for _ in range(iterations):
+                flow = farneback_solve(farneback_matrices(R0, R1, flow, border, xs, ys), winsize)
     finally:
         torch.backends.cudnn.allow_tf32 = saved
-
-
-def _farneback_levels(grey: Tensor, pyr_scale: float, levels: int, winsize: int, iterations: int,
-                      poly_n: int, poly_sigma: float) -> Tensor:
-    """farneback_torch's coarse-to-fine loop."""
-    N, T, H, W = grey.shape
-    frames = grey.reshape(N * T, 1, H, W).float()
-    flow = None
-    for scale in reversed(farneback_scales(H, W, pyr_scale, levels)):
-        h, w = round(H * scale), round(W * scale)
-        R = poly_expansion(pyramid_level(frames, scale, h, w), poly_n, poly_sigma).view(N, T, 5, h, w)
-        R0, R1 = R[:, 1:].reshape(-1, 5, h, w), R[:, :-1].reshape(-1, 5, h, w)  # flow from frame t+1 into t
-        if flow is None:
-            flow = torch.zeros(N * (T - 1), 2, h, w, device=grey.device)
-        else:
-            flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) / pyr_scale
-        border = border_weights(h, w, grey.device)
-        ys, xs = torch.meshgrid(torch.arange(h, device=grey.device, dtype=flow.dtype),
-                                torch.arange(w, device=grey.device, dtype=flow.dtype), indexing="ij")
-        for _ in range(iterations):
-            flow = farneback_solve(farneback_matrices(R0, R1, flow, border, xs, ys), winsize)
     return flow.view(N, T - 1, 2, H, W)
-
-
-# ---- DataLoader workers ---------------------------------------------------------
-
-def worker_init(worker_id: int) -> None:
-    """DataLoader workers run one thread each: torch sets its own, OpenCV's must be set here."""
-    cv2.setNumThreads(1)
 
 
 # ---- python augment.py --show VIDEO OUT.png --------------------------------------
@@ -655,31 +564,32 @@ def main() -> None:
     import data  # the picture shows the frames training decodes: data.py's, at its short side
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--show", nargs=2, metavar=("VIDEO", "OUT_PNG"), required=True, help="video file and PNG to write")
-    parser.add_argument("--size", type=int, default=112, help="output side in pixels (default: 112)")
-    parser.add_argument("--frames", type=int, default=8, help="frames per clip T (default: 8)")
-    parser.add_argument("--stride", type=int, default=4, help="temporal stride between frames (default: 4)")
-    parser.add_argument("--start", type=int, default=0, help="first frame of the anchor (default: 0)")
-    parser.add_argument("--tau", type=int, default=10, help="temporal shift of the negative, Eq. 4 (default: 10)")
-    parser.add_argument("--positive", choices=POSITIVES, default="tps", help="positive view (default: tps)")
-    parser.add_argument("--negative", choices=NEGATIVES, default="disturb", help="negative view (default: disturb)")
-    parser.add_argument("--flow-max", type=float, default=5.0, help="M: phi(t) ~ U[0, M] (Eq. 3; default: 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator (default: 0)")
+    add = parser.add_argument
+    add("--show", nargs=2, metavar=("VIDEO", "OUT_PNG"), required=True, help="video file and PNG to write")
+    add("--size", type=int, default=112, help="output side in pixels (default: 112)")
+    add("--frames", type=int, default=8, help="frames per clip T (default: 8)")
+    add("--stride", type=int, default=4, help="temporal stride between frames (default: 4)")
+    add("--start", type=int, default=0, help="first frame of the anchor (default: 0)")
+    add("--tau", type=int, default=10, help="temporal shift of the negative, Eq. 4 (default: 10)")
+    add("--positive", choices=POSITIVES, default="tps", help="positive view (default: tps)")
+    add("--negative", choices=NEGATIVES, default="disturb", help="negative view (default: disturb)")
+    add("--flow-max", type=float, default=5.0, help="M: phi(t) ~ U[0, M] (Eq. 3; default: 5)")
+    add("--seed", type=int, default=0, help="seed of the numpy Generator (default: 0)")
     args = parser.parse_args()
     video, out = args.show
     if args.frames < 2 or args.stride < 1 or args.tau < 0:
         parser.error("need --frames >= 2, --stride >= 1 and --tau >= 0")
     files = data.VideoFiles([data.VideoRecord(video, 0)], data.short_side_for(args.size))
-    anchor = lambda n: data.temporal_indices(n, args.start, args.frames, args.stride)
+    frames_from = lambda start: lambda n: data.temporal_indices(n, start, args.frames, args.stride)
     try:
-        clip = files.read(0, anchor)
-        shifted = files.read(0, lambda n: data.temporal_indices(n, args.start + args.tau, args.frames, args.stride))
+        clip, shifted = files.read(0, frames_from(args.start)), files.read(0, frames_from(args.start + args.tau))
     except data.BadVideo as error:
         raise SystemExit(f"cannot show {video}: {error}")
     transform = DSMTriplet(args.size, args.positive, args.negative, args.flow_max)
     views = transform(clip, shifted, np.random.default_rng(args.seed))
-    save_strip(views, out, ("a", "p", "n")[: len(views)])
-    print(f"wrote {out}: rows {('a', 'p', 'n')[: len(views)]}, {args.frames} frames of {video}")
+    labels = ("a", "p", "n")[: len(views)]
+    save_strip(views, out, labels)
+    print(f"wrote {out}: rows {labels}, {args.frames} frames of {video}")
 
 
 if __name__ == "__main__":

@@ -386,8 +386,9 @@ def _results_stage(script: str, flags: list[str], out: str) -> None:
     subprocess.run(command, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
-def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]:
-    """Every run of one seed into OUT/seedS/<row>/..., then the table's cells of every row."""
+def _results_one_seed(opts: argparse.Namespace, seed: int, ablation: bool) -> dict[str, dict[str, float]]:
+    """Every run of one seed into OUT/seedS/<row>/..., then the table's cells of every row (the Table 4
+    rows only with `ablation`)."""
     flag = lambda name, value: [] if value is None else [f"--{name}={value}"]
     shared = [f"--seed={seed}", f"--data-seed={seed}"]  # a new draw of the synthetic videos and of the run
     for name in RESULT_SHARED_FLAGS:
@@ -410,7 +411,7 @@ def _results_one_seed(opts: argparse.Namespace, seed: int) -> dict[str, dict[str
         _results_stage("finetune.py", [*finetune, "--protocol=linear", f"--pretrained={path}"],
                        os.path.join(folder[row], "linear"))
         _results_stage("retrieve.py", [*shared, f"--pretrained={path}"], os.path.join(folder[row], "retrieve"))
-    for row, (_, flags) in ABLATION_ROWS.items():
+    for row, (_, flags) in ABLATION_ROWS.items() if ablation else ():
         _results_stage("pretrain.py", [*pretraining, *flags], folder[row])
     cells = {}
     for row in rows:
@@ -452,9 +453,10 @@ def plot_decoupling(per_seed: list[dict[str, dict[str, float]]], path: str) -> l
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    drawn = [row for row in per_seed[0] if not np.isnan([cells[row]["kNN motion"] for cells in per_seed]).any()]
+    drawn = [row for row in per_seed[0] if not np.isnan(per_seed[0][row]["kNN motion"])]
     for row in drawn:
-        xy = np.array([[cells[row]["kNN motion"], cells[row]["kNN scene"]] for cells in per_seed])  # (seeds, 2)
+        xy = np.array([[cells[row]["kNN motion"], cells[row]["kNN scene"]] for cells in per_seed
+                       if not np.isnan(cells[row]["kNN motion"])])  # (seeds, 2)
         sd = xy.std(axis=0, ddof=1) if len(xy) > 1 else np.zeros(2)
         ax.errorbar(*xy.mean(axis=0), xerr=sd[0], yerr=sd[1], fmt="o" if row in RESULT_ROWS else "s", capsize=3,
                     label=row)  # squares: the Table 4 ablation
@@ -476,7 +478,7 @@ def bench_results(args: argparse.Namespace) -> None:
     run is not run again, so a killed table resumes. Prints the markdown table and the targets (a lead
     of TARGET_LEAD points on every seed), writes both to OUT/table.md, and the figure to --figure.
 
-        python bench.py results                  # the full table: 21 runs per seed, each 4-8 min on 2 cores
+        python bench.py results                  # the full table: 21 runs per seed (17 past --ablation-seeds)
         python bench.py results --seeds 0 1 2    # mean +- std over three seeds
         python bench.py results --pretrain-epochs 1 --finetune-epochs 1 --num-train 32 --num-test 16 --size 32 \\
             --clip-len 4 --batch-size 8 --moco-k 16 --out /tmp/results_smoke --figure /tmp/results_smoke.png  # smoke
@@ -484,6 +486,8 @@ def bench_results(args: argparse.Namespace) -> None:
     parser = argparse.ArgumentParser(prog="bench.py results", description=bench_results.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a table each, then mean +- std (default: 0)")
+    parser.add_argument("--ablation-seeds", type=int, default=3,
+                        help="the Table 4 rows on the first N of the seeds only (default: 3)")
     parser.add_argument("--pretrain-epochs", type=int,
                         help="every pretraining (default: pretrain.py's, 6 on synthetic)")
     parser.add_argument("--finetune-epochs", type=int, help="every probe and fine-tuning (default: finetune.py's, 12)")
@@ -493,10 +497,15 @@ def bench_results(args: argparse.Namespace) -> None:
     for name in RESULT_SHARED_FLAGS:
         parser.add_argument(f"--{name}", type=int, help="passed to every stage (default: the stage's own)")
     opts = parser.parse_args(args.rest)
-    per_seed = [_results_one_seed(opts, seed) for seed in opts.seeds]
+    per_seed = [_results_one_seed(opts, seed, i < opts.ablation_seeds) for i, seed in enumerate(opts.seeds)]
     columns = list(per_seed[0]["random init"])
-    cell = lambda values: "—" if np.isnan(values).any() else \
-        f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+    def cell(values: list[float]) -> str:
+        values = [v for v in values if not np.isnan(v)]  # the Table 4 rows: on the first seeds only
+        if not values:
+            return "—"
+        spread = f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else ""
+        return f"{np.mean(values):.1f}{spread}" + (f" ({len(values)} seeds)" if len(values) < len(per_seed) else "")
     lines = [f"| | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for row in per_seed[0]:
         lines.append(f"| {row} | " + " | ".join(cell([cells[row].get(c, np.nan) for cells in per_seed])

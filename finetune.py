@@ -37,8 +37,6 @@ PAPER_DEFAULTS = dict(arch="i3d", epochs=45, batch_size=128, lr=0.1, lr_every=10
 PROTOCOL_DEFAULTS = {"full": dict(wd=5e-4, dropout=0.5), "linear": dict(wd=0.0, dropout=0.0)}  # linear: MoCo's probe
 
 
-# ---- data: class-balanced label fractions (Fig. 4), 10 test clips per video --------------
-
 def balanced_subset(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
     """Sorted indices of a class-balanced `fraction` of the videos, as SimCLR's 1% / 10% ImageNet subsets:
     round(fraction * N / C) per class (the paper: ~6 and ~57 on Kinetics), at least 1, drawn from `seed`."""
@@ -79,8 +77,6 @@ def class_names(args: argparse.Namespace, sources: Sequence) -> list[str]:
         return [str(k) for k in range(1 + max(src.label(i) for src in sources for i in range(len(src))))]
     return data.build_records(args.dataset, args.root, args.split_dir, args.split, train=False)[1]
 
-
-# ---- the model and its training ----------------------------------------------------------
 
 class LinearProbe(models.Classifier):
     """A Classifier with a frozen backbone: no gradients, and BatchNorm in eval mode keeps the pretrained statistics."""
@@ -146,8 +142,6 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     return {"loss": loss_sum / (len(loader) * pretrain.world_size()), "train_clip_top1": 100 * correct / seen,
             "clips_per_s": seen / elapsed, "skipped_videos": int(skipped)}
 
-
-# ---- evaluation: 10 clips per video (Evaluation Settings); Fig. 1: what motion adds over a static frame ----
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: torch.utils.data.DataLoader, args: argparse.Namespace, device: torch.device) -> dict:
@@ -218,8 +212,6 @@ def compare(normal_out: str, static_out: str, threshold: float = 0.05) -> dict[s
     print(f"{below} of {len(gains)} classes ({below / len(gains):.0%}) gain less than {threshold:.0%} from motion")
     return gains
 
-
-# ---- command line and main ---------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -312,9 +304,9 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
                           start=args.pretrained, protocol=f"{args.protocol}, split {args.split}",
                           schedule=f"{args.epochs} epochs, lr {args.lr} x0.1 every {args.lr_every}")
     if args.split != "all":
-        run_split(argparse.Namespace(**{**vars(args), "split": int(args.split)}), rank, world, device)
+        run_split(argparse.Namespace(**vars(args) | {"split": int(args.split)}), rank, world, device)
     else:  # Table 1: the mean over the three splits
-        splits = [run_split(argparse.Namespace(**{**vars(args), "split": k, "out": os.path.join(args.out, f"split{k}")}),
+        splits = [run_split(argparse.Namespace(**vars(args) | {"split": k, "out": os.path.join(args.out, f"split{k}")}),
                             rank, world, device) for k in (1, 2, 3)]
         keys = ("clip_top1", "clip_top5", "video_top1", "video_top5")
         summary = {**{k: float(np.mean([s[k] for s in splits])) for k in keys},

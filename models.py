@@ -2,10 +2,9 @@
 
 build_backbone(arch) is f: (B, 3, T, H, W) -> last feature map, for arch in ARCHS: the paper's C3D, I3D, R3D-34,
 plus R3D-18 and `mini`, a small R3D that pretrains on a CPU in minutes (the default); any input size works.
-Encoder = f, global average pool, fc to 128-d, L2 norm (the z of the losses); Classifier = the fine-tuning head;
-retrieval_features = the pooled grid of Tables 2-3; save_checkpoint / load_checkpoint / load_backbone = the files.
+Encoder = f, global average pool, fc to 128-d, L2 norm (the z of the losses); Classifier = the fine-tuning head.
 Layer names follow each net's public code (VCP's C3D, piergiaj/pytorch-i3d, kenshohara/3D-ResNets-PyTorch).
-Imported by the stage scripts. Check: `pytest test_dsm.py -k models`; speed: `python bench.py model`.
+Check: `pytest test_dsm.py -k models`; speed: `python bench.py model`.
 """
 import os
 from collections import OrderedDict
@@ -14,8 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ---- C3D -------------------------------------------------------------------
 
 class C3D(nn.Sequential):
     """C3D with BatchNorm as in VCP / PRP / Clip Order: 8 convs 3x3x3, 4 max-pools; no pool5/fc6/fc7, so any
@@ -36,11 +33,8 @@ class C3D(nn.Sequential):
         self.out_channels = 512
 
 
-# ---- I3D -------------------------------------------------------------------
-
 def tf_same_pad(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
-    """Zero-pad (B, C, T, H, W) like TensorFlow's "SAME" (output size ceil(size / stride)), the extra
-    pixel at the end as in the TF original, so weights ported from it give the same maps."""
+    """Zero-pad (B, C, T, H, W) as TF's "SAME" (size ceil(size / stride)), extra pixel last: ported weights match."""
     pad = []
     for size, k, s in reversed(list(zip(x.shape[2:], kernel, stride))):
         total = max(k - (s if size % s == 0 else size % s), 0)
@@ -113,8 +107,6 @@ class I3D(nn.Sequential):
         self.out_channels = c_in
 
 
-# ---- 3D ResNets ------------------------------------------------------------
-
 class BasicBlock(nn.Module):
     """Two 3x3x3 convs plus identity; a 1x1x1 conv + BN shortcut where the shape changes."""
 
@@ -132,9 +124,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet3d(nn.Sequential):
-    """3D ResNet of Hara et al. 2018 without avgpool/fc: 512 x 1 x 4 x 4 at 16x112, 1 x 7 x 7 at 224. Shortcut B
-    (1x1x1 conv + BN), not Hara's original A (zero-padded identity): today's default of 3D-ResNets-PyTorch and
-    torchvision and of later self-supervised work, for < 1% more parameters (R3D-34: 63.5 M vs 63.3 M)."""
+    """3D ResNet of Hara et al. 2018 without avgpool/fc: 512 x 1 x 4 x 4 at 16x112, 1 x 7 x 7 at 224. Shortcut B (1x1x1
+    conv + BN) as 3D-ResNets-PyTorch and torchvision, not Hara's A (zero-padded identity): R3D-34 63.5 M, not 63.3."""
 
     def __init__(self, blocks: tuple[int, ...], widths: tuple[int, ...] = (64, 128, 256, 512),
                  stem_kernel: tuple[int, int, int] = (7, 7, 7)):
@@ -151,20 +142,17 @@ class ResNet3d(nn.Sequential):
         self.out_channels = c_in
 
 
-def mini() -> ResNet3d:
-    """R3D-10 at a quarter of the width, 3x3x3 stem: < 0.5 GFLOPs per 16x112x112 clip, minutes to pretrain on a CPU."""
-    return ResNet3d((1, 1, 1, 1), widths=(16, 32, 64, 128), stem_kernel=(3, 3, 3))
-
-
-# ---- building and heads ----------------------------------------------------
-
-BUILDERS = {"c3d": C3D, "i3d": I3D, "r3d18": lambda: ResNet3d((2, 2, 2, 2)),
-            "r3d34": lambda: ResNet3d((3, 4, 6, 3)), "mini": mini}
+# mini: R3D-10 at a quarter of the width, 3x3x3 stem: < 0.5 GFLOPs per 16x112x112 clip, minutes to pretrain on a CPU
+BUILDERS = {"c3d": C3D, "i3d": I3D, "r3d18": lambda: ResNet3d((2, 2, 2, 2)), "r3d34": lambda: ResNet3d((3, 4, 6, 3)),
+            "mini": lambda: ResNet3d((1, 1, 1, 1), widths=(16, 32, 64, 128), stem_kernel=(3, 3, 3))}
 ARCHS = tuple(BUILDERS)
 
 
-def init_weights(model: nn.Module) -> None:
-    """The reference implementations' init: He (fan_out) convs, BN as identity."""
+def build_backbone(arch: str) -> nn.Module:
+    """f for `arch` in ARCHS: (B, 3, T, H, W) -> (B, out_channels, T', H', W'); the reference init (He convs, BN 1)."""
+    if arch not in BUILDERS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    model = BUILDERS[arch]()
     for m in model.modules():
         if isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -173,14 +161,6 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm3d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def build_backbone(arch: str) -> nn.Module:
-    """f for `arch` in ARCHS: (B, 3, T, H, W) -> (B, out_channels, T', H', W')."""
-    if arch not in BUILDERS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-    model = BUILDERS[arch]()
-    init_weights(model)
     return model
 
 
@@ -213,16 +193,13 @@ class Classifier(nn.Module):
 
 def retrieval_features(feature_map: torch.Tensor, size: tuple[int, int, int] = (2, 7, 7),
                        pool: str = "max") -> torch.Tensor:
-    """(B, C, T', H', W') -> (B, C * 2 * 7 * 7), not normalised: the paper's adaptive max pool gives
-    every backbone a representation of the same scale."""
+    """(B, C, T', H', W') -> (B, C * 2 * 7 * 7), unnormalised: the paper's adaptive max pool gives nets one scale."""
     if feature_map.dim() != 5:
         raise ValueError(f"expected a (B, C, T, H, W) feature map, got shape {tuple(feature_map.shape)}")
     if pool not in ("max", "avg"):
         raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
     return (F.adaptive_max_pool3d if pool == "max" else F.adaptive_avg_pool3d)(feature_map, size).flatten(1)
 
-
-# ---- checkpoints -----------------------------------------------------------
 
 PLAIN_TYPES = (str, int, float, bool, type(None))  # with tensors and the containers below: what weights_only loads
 MAPPING_TYPES = (dict, OrderedDict)  # exact types, as torch.load rebuilds them; state_dict() is an OrderedDict
@@ -273,25 +250,20 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def backbone_keys(state_dict: dict) -> dict:
-    """The (query) backbone's weights of a pretraining, Encoder/Classifier or plain backbone state dict."""
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DDP wrapper
-    for prefix in ("encoder_q.backbone.", "backbone."):
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if picked:
-            return picked
-    return state
-
-
 def load_backbone(path: str, arch: str) -> nn.Module:
-    """build_backbone(arch) with the (query) backbone weights of the checkpoint at `path`."""
+    """build_backbone(arch) with the (query) backbone weights of the checkpoint at `path`: of a pretraining,
+    Encoder/Classifier or plain backbone state dict, DDP's "module." prefix or not."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: expected a dict with 'arch' and 'state_dict'")
     if ckpt["arch"] != arch:
         raise ValueError(f"{path} holds a {ckpt['arch']!r} network, but arch {arch!r} was asked for")
     model = build_backbone(arch)
-    state = backbone_keys(ckpt["state_dict"])
+    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    for prefix in ("encoder_q.backbone.", "backbone."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
     if not set(state) & set(model.state_dict()):
         raise ValueError(f"{path} (arch {ckpt['arch']!r}) has no weights that fit a {arch!r} "
                          f"backbone; its keys start with {sorted(ckpt['state_dict'])[:3]}")

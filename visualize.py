@@ -1,28 +1,22 @@
-"""Where does the network look? Motion saliency heat-maps and response curves (paper, "Analysis",
-Figs. 5-6), and on the synthetic videos a number for it.
+"""Where does the network look? Motion saliency heat-maps and response curves (paper, "Analysis", Figs. 5-6).
 
-Fig. 5: 16-frame windows slide with stride 4; each clip's last 3D feature map before global pooling
-is averaged over the channels, upsampled and overlaid; its mean, normalised over the video, is the
-clip's "response value". Fig. 6 probes: `--probe static` (one frame repeated: no motion), `paste` (a
-still patch of another video in every frame: a still distractor), `insert` (a still frame of another
-video blended into every frame: static noise). On synthetic videos the object's box is known, so
-"DSM focuses on the moving area" becomes a number: the heat's share in the box, next to chance (the
-box's share of the frame); `--eval` averages it over the test split for several checkpoints.
+Fig. 5: 16-frame windows slide with stride 4; each clip's last 3D feature map before global pooling, averaged over
+the channels and upsampled, is overlaid, and its mean, min-max over the video, is the clip's "response value".
+Fig. 6 probes (--probe): static (one frame repeated: no motion), paste (a still patch of another video in every
+frame: a still distractor), insert (a still frame of another video blended into every frame: static noise). On
+synthetic videos the object's box is known, so "DSM focuses on the moving area" becomes a number: the heat's share
+in the box, next to chance (the box's share of the frame); --eval averages it over the test split per checkpoint.
 
-Our readings where the paper leaves a choice:
-  * windows: "(L - 16)/4 clips" = 16 consecutive frames (--stride 1); all (L - span) // 4 + 1 that fit, the rest cut.
-  * time: a window's map is upsampled to all frames it spans; a frame's heat is its windows' mean.
-  * normalisation: min-max over the whole video, not per window, so windows and frames compare.
-  * input: the whole frame at short side 8/7 x --size as in training, uncropped (the nets are fully convolutional).
-  * insert: (1 - w) frame + w still on every frame; a still every k-th frame would add motion.
+Where the paper leaves a choice: "(L - 16)/4 clips" are windows of 16 consecutive frames (--stride 1), all that fit;
+a frame's heat is the mean of its windows' maps; min-max over the whole video, not per window, so windows and frames
+compare; the input is the whole frame at short side 8/7 x --size, uncropped (the nets are fully convolutional).
 
-Run:
     python visualize.py --pretrained runs/pretrain/checkpoint.pth --probe static   # a synthetic test video
     python visualize.py --pretrained CKPT --arch i3d --size 224 --video v.avi --out vis
     python visualize.py --eval --pretrained none runs/moco/checkpoint.pth runs/dsm/checkpoint.pth \\
         --names random moco dsm --clip-len 8 --stride 2
-Writes OUT/NAME[_PROBE]_heat.mp4 (overlay), _sheet.png (frames over overlays), _response.csv and
-_response.png; with --eval OUT/eval.json and the table on stdout.
+Writes OUT/NAME[_PROBE]_heat.mp4 (overlay), _sheet.png (frames over overlays), _response.csv and _response.png;
+with --eval OUT/eval.json and the table on stdout.
 """
 import argparse
 import json
@@ -32,18 +26,15 @@ from dataclasses import dataclass
 
 import av
 import cv2
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure  # not pyplot: files only, and no figures kept alive
 from tqdm import tqdm
 
 import augment
 import data
 import models
-
-matplotlib.use("Agg")  # files only, no display; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels, as data.SyntheticVideos.box
 
@@ -81,7 +72,6 @@ def video_heat(backbone: torch.nn.Module, frames: np.ndarray, clip_len: int, str
         for s, e in zip(batch, energy(feature_map, (span, *video.shape[2:]))):
             total[s:s + span] += e
             count[s:s + span] += 1
-    # Min-max over the whole video, not per window, so that frames and windows compare.
     return minmax((total / count).numpy()), minmax(np.array(means, dtype=np.float32)), starts
 
 
@@ -97,8 +87,7 @@ def box_mass(heat: np.ndarray, boxes: list[Box]) -> float:
     """Share of the heat (T, H, W) inside boxes[t], averaged over the frames; a uniform heat gives
     chance. Frames without heat have no share and are left out; nan when no frame has heat."""
     masks = np.stack([box_mask(box, *heat.shape[1:]) for box in boxes])
-    total = heat.sum(axis=(1, 2), dtype=np.float64)
-    inside = (heat * masks).sum(axis=(1, 2), dtype=np.float64)
+    total, inside = (x.sum(axis=(1, 2), dtype=np.float64) for x in (heat, heat * masks))
     seen = total > 0
     return float((inside[seen] / total[seen]).mean()) if seen.any() else float("nan")
 
@@ -121,7 +110,7 @@ def probe_paste(frames: np.ndarray, patch: np.ndarray, top: int, left: int) -> n
 
 
 def probe_insert(frames: np.ndarray, still: np.ndarray, weight: float) -> np.ndarray:
-    """(1 - weight) frame + weight still on every frame: static noise over the whole video."""
+    """(1 - weight) frame + weight still on every frame (a still every k-th frame would add motion): static noise."""
     if still.shape != frames.shape[1:] or not 0 <= weight <= 1:
         raise ValueError(f"need a still frame of shape {frames.shape[1:]} and 0 <= weight <= 1, "
                          f"got {still.shape} and {weight}")
@@ -191,8 +180,7 @@ def write_outputs(base: str, frames: np.ndarray, shown: np.ndarray, starts: list
         stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         for image in shown:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:H, :W]), format="rgb24")
-            container.mux(stream.encode(frame))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:H, :W]), "rgb24")))
         container.mux(stream.encode())
     picks = np.unique(np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int))
     row = np.hstack(frames[picks])
@@ -204,12 +192,12 @@ def write_outputs(base: str, frames: np.ndarray, shown: np.ndarray, starts: list
     rows = [f"{k},{s},{r:.6f}" for k, (s, r) in enumerate(zip(starts, response))]
     with open(base + "_response.csv", "w") as f:
         f.write("\n".join(["window,start_frame,response", *rows]) + "\n")
-    fig, ax = plt.subplots(figsize=(4.8, 2.4), dpi=100)
+    fig = Figure(figsize=(4.8, 2.4), dpi=100)
+    ax = fig.subplots()
     ax.plot(starts, response, "o-", color="tab:red", markersize=3)
     ax.set(xlabel="window start frame", ylabel="response", ylim=(-0.05, 1.05), title="min-max over the video")
     fig.tight_layout()
     fig.savefig(base + "_response.png")
-    plt.close(fig)  # else pyplot keeps every figure alive
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -299,8 +287,8 @@ def show(name: str, backbone: torch.nn.Module, case: Case, args: argparse.Namesp
 
 
 def run_eval(backbones: dict[str, torch.nn.Module], source: data.SyntheticVideos, args: argparse.Namespace) -> None:
-    """Box mass over the synthetic test split per checkpoint, the table and OUT/eval.json: the Figs. 5-6 claim
-    as a number. A video whose heat is flat (no contrast at all) has no box mass: skipped, named, counted."""
+    """Box mass per checkpoint over the synthetic test split, as a table and OUT/eval.json. A video whose heat is
+    flat (no contrast at all) has no box mass: skipped, named, counted."""
     masses, chances = {name: [] for name in backbones}, []
     for i in tqdm(range(args.num_test), desc="eval"):
         case = make_case(source, i, (i + 1) % args.num_test, args.probe, args.insert_weight)
