@@ -469,6 +469,15 @@ def plot_decoupling(per_seed: list[dict[str, dict[str, float]]], path: str) -> l
     return drawn
 
 
+def _cell(values: list[float]) -> str:
+    """mean +- sd over the seeds that have the value, and how many when some have not (Table 4 rows, a failed run)."""
+    have = [v for v in values if not np.isnan(v)]
+    if not have:
+        return "—"
+    spread = f" ± {np.std(have, ddof=1):.1f}" if len(have) > 1 else ""
+    return f"{np.mean(have):.1f}{spread}" + (f" ({len(have)} seeds)" if len(have) < len(values) else "")
+
+
 def bench_results(args: argparse.Namespace) -> None:
     """The README's synthetic results table: rows random init, supervised, MoCo baseline, DSM (Triplet),
     DSM, then the miniature of Table 4 (pretraining and its kNN only); columns the pretraining's kNN
@@ -499,16 +508,9 @@ def bench_results(args: argparse.Namespace) -> None:
     opts = parser.parse_args(args.rest)
     per_seed = [_results_one_seed(opts, seed, i < opts.ablation_seeds) for i, seed in enumerate(opts.seeds)]
     columns = list(per_seed[0]["random init"])
-
-    def cell(values: list[float]) -> str:
-        values = [v for v in values if not np.isnan(v)]  # the Table 4 rows: on the first seeds only
-        if not values:
-            return "—"
-        spread = f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else ""
-        return f"{np.mean(values):.1f}{spread}" + (f" ({len(values)} seeds)" if len(values) < len(per_seed) else "")
     lines = [f"| | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for row in per_seed[0]:
-        lines.append(f"| {row} | " + " | ".join(cell([cells[row].get(c, np.nan) for cells in per_seed])
+        lines.append(f"| {row} | " + " | ".join(_cell([cells[row].get(c, np.nan) for cells in per_seed])
                                                 for c in columns) + " |")
     config = {k: v for k, v in vars(opts).items() if v is not None and k not in ("out", "figure")}
     table = "\n".join([f"Synthetic scene/motion data, video top-1 and Recall@K in %, {config}.", "",

@@ -1915,6 +1915,11 @@ def test_bench_targets_name_every_seed_that_falls_short():
     assert by_target[("DSM", "supervised", "fine-tune top-1")].endswith("MISSED on seed 2")  # a missing run is no lead
 
 
+def test_bench_cell_counts_the_seeds_that_have_a_value():
+    assert bench._cell([1.0, 3.0, math.nan]) == "2.0 ± 1.4 (2 seeds)"  # a Table 4 row past --ablation-seeds
+    assert bench._cell([2.0, 4.0]) == "3.0 ± 1.4" and bench._cell([math.nan]) == "—"
+
+
 def test_bench_decoupling_figure_is_written_for_every_row_with_a_knn(tmp_path):
     def seed(shift: float) -> dict[str, dict[str, float]]:  # bench_results' per-seed cells, no runs behind them
         knn = {"random init": (15.0, 20.0), "supervised": (math.nan, math.nan), "MoCo baseline": (30.0, 70.0),
