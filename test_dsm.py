@@ -1542,6 +1542,18 @@ def test_finetune_paper_defaults(tmp_path):
     assert (args.size, args.clip_len, args.stride, args.test_clips, args.arch) == (224, 16, 4, 10, "i3d")
     assert [finetune.learning_rate(args, e) for e in (0, 9, 10, 19, 20, 44)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 1e-5])  # x0.1 every 10 epochs
+    assert args.backbone_lr == 1.0  # the paper fine-tunes every weight at one lr
+
+
+def test_finetune_backbone_learns_at_its_multiple_of_the_fc_lr(tmp_path):
+    """Synthetic default: the backbone at 0.1x the fc's lr; linear: the fc is the only group."""
+    for protocol, groups in (("full", [0.01, 0.1]), ("linear", [0.1])):
+        args = finetune.parse_args(["--pretrained", "none", "--protocol", protocol, "--out", str(tmp_path)])
+        model = finetune.build_model(args, 3)
+        optimizer = finetune.make_optimizer(model, args)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(groups)
+        trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert trained == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 # ---- the CUDA paths, checked from the CPU (and on a GPU where there is one) ------------
