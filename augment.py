@@ -165,14 +165,6 @@ def tps_matrix(dst: np.ndarray, height: int, width: int) -> np.ndarray:
     return features(pixels) @ scipy.linalg.inv(L)[:, :n]  # the 3 zero rows of [src; 0] drop out
 
 
-def tps_grid(dst: Tensor, src: Tensor, height: int, width: int) -> Tensor:
-    """(H, W, 2) grid_sample grid of the TPS f with f(dst_i) = src_i, dst and src (N, 2) (x, y) in [-1, 1]:
-    the output pixel at dst_i samples the input at src_i."""
-    assert dst.shape == src.shape and dst.ndim == 2 and dst.shape[1] == 2, (dst.shape, src.shape)
-    A = tps_matrix(dst.double().numpy(), height, width)
-    return torch.from_numpy(A @ src.double().numpy()).float().reshape(height, width, 2)
-
-
 class TPSWarp:
     """s: warp a clip with a random TPS, the same warp for every frame (temporally consistent).
 
@@ -199,7 +191,7 @@ class TPSWarp:
         return {**self.__dict__, "_A_on": {}}
 
     def grid(self, src: Tensor) -> Tensor:
-        """(H, W, 2) grid of the TPS with f(dst_i) = src_i; equals tps_grid(self.dst, src, H, W)."""
+        """(H, W, 2) grid_sample grid of the TPS f with f(dst_i) = src_i: the output pixel at dst_i samples src_i."""
         assert src.shape == self.dst.shape, (src.shape, self.dst.shape)
         # numpy, not torch: on a busy CPU torch's threaded BLAS took ~16 ms for this skinny product, numpy 0.1 ms
         grid = self.A @ src.float().numpy()  # (HW, 2)
@@ -246,18 +238,12 @@ def grey_levels(clip: Tensor) -> Tensor:
     return (grey * 255).round().clamp(0, 255)
 
 
-def grey_uint8(clip: Tensor) -> np.ndarray:
-    """(T, H, W) uint8 grey frames of a (3, T, H, W) clip, float in [0, 1] or uint8."""
-    assert clip.ndim == 4, clip.shape
-    return grey_levels(clip).to(torch.uint8).numpy()
-
-
 def farneback_flow(clip: Tensor) -> Tensor:
     """(T-1, 2, H, W) flow in pixels (x then y) with clip[:, t+1](p) ~= clip[:, t](p + flow[t](p)) (Eq. 2)."""
     _, T, H, W = clip.shape  # (C, T, H, W)
     if T < 2:
         raise ValueError(f"optical flow needs at least 2 frames, got {T}")
-    grey = grey_uint8(clip)  # (T, H, W)
+    grey = grey_levels(clip).to(torch.uint8).numpy()  # (T, H, W)
     # OpenCV's flow has prev(p) ~= next(p + flow(p)): (frame t+1, frame t) as (prev, next) gives Eq. 2
     flow = np.stack([cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **FARNEBACK) for t in range(T - 1)])
     return torch.from_numpy(flow).permute(0, 3, 1, 2).contiguous()  # (T-1, 2, H, W)

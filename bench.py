@@ -154,7 +154,7 @@ def bench_augment(args: argparse.Namespace) -> None:
         frames = data.VideoFiles([data.VideoRecord(video, 0)], 128).read(0, lambda num_frames: list(range(0, 64, 4)))
         m = triplet_stages(video, 112, args.repeat)
     view = augment.BasicAugment(112, jitter=0.0)(frames, rng)  # (C, T, 112, 112) of real content
-    grey = augment.grey_uint8(view)
+    grey = augment.grey_levels(view).to(torch.uint8).numpy()
     raw = lambda: [cv2.calcOpticalFlowFarneback(grey[t + 1], grey[t], None, **augment.FARNEBACK) for t in range(15)]
     phi = lambda: torch.from_numpy(rng.uniform(0, 5.0, size=15)).float()  # U[0, M] per step, M = 5 (Eq. 3)
     negative = lambda: augment.scale_motion(view, augment.farneback_flow(view), phi())
