@@ -506,6 +506,8 @@ def bench_results(args: argparse.Namespace) -> None:
     for name in RESULT_SHARED_FLAGS:
         parser.add_argument(f"--{name}", type=int, help="passed to every stage (default: the stage's own)")
     opts = parser.parse_args(args.rest)
+    for seed in opts.seeds:  # the main rows of every seed before any Table 4 row: they are the claim
+        _results_one_seed(opts, seed, ablation=False)
     per_seed = [_results_one_seed(opts, seed, i < opts.ablation_seeds) for i, seed in enumerate(opts.seeds)]
     columns = list(per_seed[0]["random init"])
     lines = [f"| | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]

@@ -152,16 +152,13 @@ def _kinetics_rows(csv_path: str) -> list[dict[str, str]]:
     return rows
 
 
-def read_kinetics(root: str, csv_path: str, train: bool,
-                  classes: list[str] | None = None) -> tuple[list[VideoRecord], list[str]]:
+def read_kinetics(root: str, csv_path: str, train: bool, classes: list[str]) -> tuple[list[VideoRecord], list[str]]:
     """Kinetics-400 CSV 'label,youtube_id,time_start,time_end,split', rows 'train' or, for train=False,
     'val'/'validate'/'test'. A video is the first of ROOT/<split>/<label>/<id>_<start:06d>_<end:06d>.mp4
-    or <id>.mp4 that exists, label folders with spaces or underscores. Classes: `classes`, else the CSV's."""
-    rows = _kinetics_rows(csv_path)
-    classes = classes or sorted({row["label"] for row in rows})
+    or <id>.mp4 that exists, label folders with spaces or underscores; labels are indices into `classes`."""
     index = {name: k for k, name in enumerate(classes)}
     records = []
-    for n, row in enumerate(rows, 2):
+    for n, row in enumerate(_kinetics_rows(csv_path), 2):
         if row["split"] not in ({"train"} if train else {"val", "validate", "test"}):
             continue
         if row["label"] not in index:
@@ -366,9 +363,8 @@ class SyntheticVideos:
     def __init__(self, split: str, num_videos: int, seed: int = 0, scene_bias: float = 0.8,
                  short_side: int = 128, num_frames: int = 64):
         if split not in SPLIT_IDS or num_videos < 1 or short_side < 8 or num_frames < 1 or not 0 <= scene_bias <= 1:
-            raise ValueError(f"need split 'train' or 'test', num_videos >= 1, short_side >= 8, num_frames >= 1, "
-                             f"0 <= scene_bias <= 1; got {split!r}, {num_videos}, {short_side}, {num_frames}, "
-                             f"{scene_bias}")
+            raise ValueError(f"need split 'train' or 'test', num_videos >= 1, short_side >= 8, num_frames >= 1, 0 <= "
+                             f"scene_bias <= 1; got {split!r}, {num_videos}, {short_side}, {num_frames}, {scene_bias}")
         self.split, self.seed, self.scene_bias = split, seed, scene_bias
         self.short_side, self.num_frames = short_side, num_frames
         self.num_classes, self.classes, self.scenes = len(CLASSES), list(CLASSES), list(SCENES)
@@ -497,8 +493,7 @@ def make_synthetic(out: str, num_train: int, num_test: int, seed: int, scene_bia
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with av.open(path + PART_SUFFIX, "w", format="avi") as container:
                 stream = container.add_stream("mpeg4", rate=25)
-                stream.height = stream.width = short_side
-                stream.pix_fmt = "yuv420p"
+                stream.width, stream.height, stream.pix_fmt = short_side, short_side, "yuv420p"
                 stream.codec_context.qmin = stream.codec_context.qmax = 3  # ~4/255 mean error at 128 x 128
                 for image in source.render(i, range(source.num_frames)):
                     container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
@@ -522,12 +517,9 @@ class ClipDataset(torch.utils.data.Dataset):
     the test_clips clips at test_starts. Without transform, views are the uint8 frames: (T, H, W, 3), (2, T, H, W,
     3) with shift, (test_clips, T, H, W, 3) in test. static (Fig. 1): train clips repeat one random frame, test
     clips their middle one. Sample i draws from default_rng([seed, epoch, i]), whatever the workers or a resume:
-    call set_epoch before each epoch's DataLoader iterator (persistent_workers=False).
-
-    A bad video is skipped for the next one that decodes, so bad videos never stop an epoch; only a source in
-    which none decodes raises. "index" is the video used, "skipped" how many were passed over: > 0 exactly when
-    video i is bad, so counting those samples counts an epoch's bad videos.
-    """
+    call set_epoch before each epoch's DataLoader iterator (persistent_workers=False). A bad video is skipped for
+    the next one that decodes, so bad videos never stop an epoch; only a source in which none decodes raises.
+    "index" is the video used, "skipped" how many were passed over: > 0 exactly when video i is bad."""
 
     def __init__(self, source, clip_len: int = 16, stride: int = 4, transform: Callable | None = None,
                  shift: tuple[int, int] | None = None, mode: str = "train", test_clips: int = 10,

@@ -149,7 +149,7 @@ ARCHS = tuple(BUILDERS)
 
 
 def build_backbone(arch: str) -> nn.Module:
-    """f for `arch` in ARCHS: (B, 3, T, H, W) -> (B, out_channels, T', H', W'); the reference init (He convs, BN 1)."""
+    """f for `arch` in ARCHS: (B, 3, T, H, W) -> (B, out_channels, T', H', W'); He convs, BN at its default 1."""
     if arch not in BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     model = BUILDERS[arch]()
@@ -158,9 +158,6 @@ def build_backbone(arch: str) -> nn.Module:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm3d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
     return model
 
 
@@ -260,10 +257,8 @@ def load_backbone(path: str, arch: str) -> nn.Module:
         raise ValueError(f"{path} holds a {ckpt['arch']!r} network, but arch {arch!r} was asked for")
     model = build_backbone(arch)
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    for prefix in ("encoder_q.backbone.", "backbone."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
+    prefix = next((p for p in ("encoder_q.backbone.", "backbone.") if any(k.startswith(p) for k in state)), "")
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not set(state) & set(model.state_dict()):
         raise ValueError(f"{path} (arch {ckpt['arch']!r}) has no weights that fit a {arch!r} "
                          f"backbone; its keys start with {sorted(ckpt['state_dict'])[:3]}")

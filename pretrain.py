@@ -1,17 +1,14 @@
 """DSM pretraining: MoCo with a scene-broken positive and a motion-broken negative.
 
-Implements the paper's "Overall Architecture" and "Objective Function" sections. Every
-training video gives a triplet (augment.py):
+The paper's "Overall Architecture" and "Objective Function" sections. Every training video gives a triplet (augment.py):
 
     a = b(c1)     -> f_q -> z_a    anchor: a plain augmented clip                  (query)
     p = s(b(c2))  -> f_k -> z_p    positive: TPS-warped, scene broken, motion kept  (key k+)
     n = t(b(c3))  -> f_q -> z_n    negative: flow-scaled and time-shifted, motion broken, scene kept
 
-and f_q learns with the contrastive loss (Eq. 7, `--loss contrastive`, the paper's "DSM"
-rows), the intra-video triplet loss (Eq. 5, `--loss triplet`, "DSM (Triplet)"), or both.
-f_k is the momentum (EMA) copy of f_q and the queue holds its embeddings of other videos,
-as in MoCo (He et al. 2020). The paper does not say which encoder embeds n: through f_q,
-with gradient, the synthetic demo's kNN is far higher than through f_k (docs/RESULTS.md).
+and f_q learns with the contrastive loss (Eq. 7, `--loss contrastive`, the paper's "DSM" rows), the intra-video
+triplet loss (Eq. 5, `--loss triplet`, "DSM (Triplet)"), or both. f_k is the momentum (EMA) copy of f_q and the
+queue holds its embeddings of other videos, as in MoCo (He et al. 2020).
 
 Run:
     python pretrain.py                       # built-in synthetic videos, `mini` net, CPU
@@ -50,17 +47,16 @@ SGD_MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # paper, Pre-training Settings
 LR_STEPS = (0.4, 0.6, 0.8)  # x0.1 at these fractions of the epochs: 80, 120, 160 of 200 (paper)
 KNN_K = 20  # neighbours of the kNN monitor, as InstDisc and MoCo's monitors
 PRINT_EVERY = 10  # steps between progress-bar updates, the only device syncs of a training loop
+BN_SPLITS = 4  # shuffle-BN on one process: BatchNorm groups, as MoCo's single-GPU demo (4 devices' worth)
+MIN_BN_GROUP = 4  # clips per BatchNorm group below which its batch statistics are mostly noise
 
 
 # ---- distributed helpers (shared by finetune.py and retrieve.py) ------------------------
 
 def setup_distributed(workers: int = 0) -> tuple[int, int, torch.device]:
-    """One process per device, as launched by torchrun; a plain `python` run is rank 0 of 1.
-
-    On the CPU the `workers` DataLoader processes need cores too: torch's one thread per core on top
-    of them made an epoch 1.25x slower (docs/RESULTS.md), so the process keeps the cores the
-    workers leave, unless OMP_NUM_THREADS says otherwise.
-    """
+    """One process per device, as launched by torchrun; a plain `python` run is rank 0 of 1. On the CPU the
+    `workers` DataLoader processes need cores too: torch's one thread per core on top of them made an epoch 1.25x
+    slower (docs/RESULTS.md), so the process keeps the cores the workers leave, unless OMP_NUM_THREADS is set."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -84,6 +80,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 @torch.no_grad()
 def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0 (no gradient flows back)."""
@@ -97,11 +97,9 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle-BN, step 1: deal the global batch out to the ranks in a random order.
-
-    Without it the key's BatchNorm statistics come from the same samples as the query's on
-    each device, and the network can find the positive through them instead of the content.
-    """
+    """Shuffle-BN, step 1: deal the global batch out to the ranks in a random order. Without it the key's
+    BatchNorm statistics come from the same samples as the query's on each device, and the network can find the
+    positive through them instead of the content."""
     x_all = concat_all_gather(x)  # (world * B, ...)
     idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
     if world_size() > 1:
@@ -142,8 +140,7 @@ class SplitBatchNorm3d(nn.BatchNorm3d):
 
 
 def split_batchnorm_(model: nn.Module, splits: int) -> nn.Module:
-    """Make every BatchNorm3d of `model` a SplitBatchNorm3d over `splits` groups, in place; the
-    parameters and the state_dict keys stay as they are."""
+    """Make every BatchNorm3d of `model` a SplitBatchNorm3d over `splits` groups, in place; same state_dict."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm3d):
             m.__class__, m.splits = SplitBatchNorm3d, splits
@@ -153,13 +150,11 @@ def split_batchnorm_(model: nn.Module, splits: int) -> nn.Module:
 class DSM(nn.Module):
     """f_q, its momentum copy f_k and a queue of K key embeddings (MoCo) for the DSM triplet.
 
-    z_a = f_q(a) is the query. p is MoCo's key k+: z_p = f_k(p), shuffle-BN, no gradient; the
-    queue holds z_p of past batches, Eq. 7's embeddings of other videos, with the index of the
-    video each came from, so that keys of the anchor's own video leave Eq. 7's denominator. The
-    paper does not say which encoder embeds n: here f_q, with gradient, in a forward of its own
-    (through f_k the synthetic demo's kNN was far lower: docs/RESULTS.md). `bn_splits` > 1
-    emulates shuffle-BN on one process: every encoder sees the batch as that many sub-batches
-    with their own BatchNorm statistics, the keys shuffled before they are grouped.
+    z_a = f_q(a) is the query. p is MoCo's key k+: z_p = f_k(p), shuffle-BN, no gradient; the queue holds z_p of
+    past batches, Eq. 7's embeddings of other videos, with the index of the video each came from, so that keys of
+    the anchor's own video leave Eq. 7's denominator. The paper does not say which encoder embeds n: here f_q, with
+    gradient (through f_k the synthetic demo's kNN was far lower: docs/RESULTS.md). `bn_splits` > 1 emulates
+    shuffle-BN on one process (SplitBatchNorm3d).
     """
 
     def __init__(self, arch: str, dim: int = 128, K: int = 6536, m: float = 0.99, tau: float = 0.07,
@@ -168,8 +163,7 @@ class DSM(nn.Module):
         self.K, self.m, self.tau = K, m, tau
         self.encoder_q = split_batchnorm_(models.Encoder(arch, dim), bn_splits)
         self.encoder_k = copy.deepcopy(self.encoder_q)
-        for param_k in self.encoder_k.parameters():
-            param_k.requires_grad = False
+        self.encoder_k.requires_grad_(False)  # f_k learns only through the momentum update
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # (D, K) random unit vectors
         self.register_buffer("queue_video", torch.full((K,), -1, dtype=torch.long))  # (K,) video of each key
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
@@ -212,11 +206,9 @@ class DSM(nn.Module):
 
 def contrastive_logits(z_a: torch.Tensor, z_p: torch.Tensor, z_n: torch.Tensor | None, queue: torch.Tensor,
                        tau: float, own: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of Eq. 7, the positive at index 0: [z_a.z_p, z_a.z_n, z_a.queue] / tau, (B, 2 + K).
-
-    own (B, K): queue keys of the anchor's own video, left out of the denominator (logit -inf).
-    All in float32: under autocast the matmul z_a @ queue alone would run in bf16 or fp16.
-    """
+    """Logits of Eq. 7, the positive at index 0: [z_a.z_p, z_a.z_n, z_a.queue] / tau, (B, 2 + K). own (B, K): queue
+    keys of the anchor's own video, left out of the denominator (logit -inf). All in float32: under autocast the
+    matmul z_a @ queue alone would run in bf16 or fp16."""
     z_a, z_p, queue = z_a.float(), z_p.float(), queue.float()
     l_pos = (z_a * z_p).sum(1, keepdim=True)  # (B, 1)  z_a . z_p
     device = z_a.device.type
@@ -224,10 +216,8 @@ def contrastive_logits(z_a: torch.Tensor, z_p: torch.Tensor, z_n: torch.Tensor |
         l_queue = z_a @ queue  # (B, K)  z_a . k for the K keys of other videos
     if own is not None:
         l_queue = l_queue.masked_fill(own, float("-inf"))
-    l_neg = [l_queue]
-    if z_n is not None:
-        l_neg.insert(0, (z_a * z_n.float()).sum(1, keepdim=True))  # (B, 1)  z_a . z_n, the intra-video negative
-    return torch.cat([l_pos, *l_neg], dim=1) / tau  # Eq. 7's logits
+    l_intra = [] if z_n is None else [(z_a * z_n.float()).sum(1, keepdim=True)]  # (B, 1)  z_a . z_n, same video
+    return torch.cat([l_pos, *l_intra, l_queue], dim=1) / tau  # Eq. 7's logits
 
 
 def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float) -> dict[str, torch.Tensor]:
@@ -235,7 +225,7 @@ def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float) -> dict[s
     terms = {}
     if loss in ("contrastive", "both"):
         logits = out["logits"].float()
-        terms["contrastive"] = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))  # Eq. 7
+        terms["contrastive"] = F.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long))  # Eq. 7
         with torch.no_grad():  # what Eq. 7's softmax gives the positive and the intra-video negative
             prob = logits.softmax(dim=1)
             terms["p_p"] = prob[:, 0].mean()
@@ -247,10 +237,7 @@ def dsm_losses(out: dict[str, torch.Tensor], loss: str, margin: float) -> dict[s
         d_ap = (out["z_a"] - out["z_p"]).norm(dim=1)  # d(z_a, z_p) = ||z_a - z_p||_2
         d_an = (out["z_a"] - out["z_n"]).norm(dim=1)  # d(z_a, z_n)
         terms["triplet"] = F.relu(d_ap - d_an + margin).mean()  # Eq. 5, averaged over the batch
-    if loss == "both":
-        terms["loss"] = terms["contrastive"] + terms["triplet"]
-    else:
-        terms["loss"] = terms[loss]
+    terms["loss"] = terms["contrastive"] + terms["triplet"] if loss == "both" else terms[loss]
     return terms
 
 
@@ -272,8 +259,7 @@ def make_loader(dataset: data.ClipDataset, batch_size: int, args: argparse.Names
                                                   seed=args.seed, drop_last=train)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=train,
-                                       worker_init_fn=augment.worker_init, persistent_workers=False,
-                                       collate_fn=collate_fn)
+                                       worker_init_fn=augment.worker_init, collate_fn=collate_fn)
 
 
 def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
@@ -283,9 +269,8 @@ def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
 
 def pretrain_loader(args: argparse.Namespace, rank: int, world: int) -> torch.utils.data.DataLoader:
     """Triplets (a, p, n) from the training split; Table 4's rows choose the disturbances."""
-    transform = augment.DSMTriplet(args.size, positive=args.positive, negative=args.negative,
-                                   flow_max=args.flow_max, crop_scale=args.crop_scale,
-                                   flip=args.flip)
+    transform = augment.DSMTriplet(args.size, positive=args.positive, negative=args.negative, flow_max=args.flow_max,
+                                   crop_scale=args.crop_scale, flip=args.flip)
     shift = args.shift if args.negative in ("disturb", "shift") else None
     on_device = args.augment_device != "cpu"  # workers decode and draw; train_one_epoch applies b, s, t
     dataset = data.ClipDataset(data.build_source(args, train=True), args.clip_len, args.stride,
@@ -320,8 +305,7 @@ def check_finite(terms: dict[str, float], epoch: int, step: int) -> None:
 
 def train_step(model: nn.Module, views: torch.Tensor, video: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, args: argparse.Namespace, amp_dtype: torch.dtype | None) -> dict:
-    """One step on a batch of triplets `views` (B, 3, C, T, H, W) (or (B, 2, ...) without a negative)
-    of the videos `video` (B,)."""
+    """One step on the triplets `views` (B, 3, C, T, H, W), or (B, 2, ...) without a negative, of videos `video`."""
     a, p, n = (as_input(views[:, i], args) if i < views.shape[1] else None for i in range(3))
     with torch.autocast(views.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         terms = dsm_losses(model(a, p, n, video), args.loss, args.margin)
@@ -350,9 +334,9 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     model.train()
     amp_dtype = amp_dtype_for(args, device)
     sums, skipped, wait, seen = {}, 0, 0.0, 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False)
     t_start = t_ready = time.perf_counter()
-    for step, batch in enumerate(loader, 1):
+    for step, batch in enumerate(bar, 1):
         wait += time.perf_counter() - t_ready
         views, video = batch["views"], batch["index"].to(device)
         if isinstance(views, dict):  # --augment-device cuda: the workers sent frames and draws; apply them batched
@@ -369,9 +353,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             elapsed = time.perf_counter() - t_start
             bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             clips_s=f"{seen / elapsed:.1f}", wait=f"{wait / elapsed:.0%}")
-        bar.update()
         t_ready = time.perf_counter()
-    bar.close()
     elapsed = time.perf_counter() - t_start
     skipped = int(concat_all_gather(torch.tensor([skipped], device=device)).sum())
     memory = {"peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30} if device.type == "cuda" else {}
@@ -385,10 +367,6 @@ def amp_dtype_for(args: argparse.Namespace, device: torch.device) -> torch.dtype
     if not args.amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 # ---- kNN monitor (InstDisc / MoCo / DINO style) ------------------------------------------
@@ -437,11 +415,10 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
 
 
 def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, device: torch.device) -> dict:
-    """kNN top-1 (%) of test-split videos among train-split videos in the backbone's feature space:
-    on the motion classes ("knn_top1") and, where scenes are known, on the scene ("knn_scene_top1").
-    Decoupling shows as the first up and the second down. Watching must not change the run: each
-    DataLoader iterator draws its seed from torch's global generator, which also drives shuffle-BN,
-    so that generator's state is put back afterwards."""
+    """kNN top-1 (%) of test-split videos among train-split videos in the backbone's feature space: on the motion
+    classes ("knn_top1") and, where scenes are known, on the scene ("knn_scene_top1"). Decoupling shows as the first
+    up and the second down. Watching must not change the run: each DataLoader iterator draws its seed from torch's
+    global generator, which also drives shuffle-BN, so that generator's state is put back afterwards."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         train_f, train_y, train_s = embed(backbone, loaders[0], device)
         test_f, test_y, test_s = embed(backbone, loaders[1], device)
@@ -455,9 +432,8 @@ def knn_monitor(backbone: nn.Module, loaders: tuple, args: argparse.Namespace, d
 
 def save_resumable(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    args: argparse.Namespace, epoch: int) -> None:
-    """Everything a killed run needs to end where an uninterrupted one would: model, momentum
-    encoder, queue, optimiser, scaler, epoch and every rank's RNG state. Call it on every rank
-    (the RNG states are gathered); rank 0 alone writes."""
+    """Everything a killed run needs to end where an uninterrupted one would: model, momentum encoder, queue,
+    optimiser, scaler, epoch and every rank's RNG state. Call it on every rank (the RNG states are gathered)."""
     rng = rng_states()
     if is_main():
         models.save_checkpoint({"arch": args.arch, "epoch": epoch, "state_dict": model.state_dict(),
@@ -482,15 +458,6 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(cpu[rank % len(cpu)])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng_cuda"][rank % len(state["rng_cuda"])])
-
-
-def save_state(out: str, model: DSM, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               args: argparse.Namespace, epoch: int) -> None:
-    """OUT/checkpoint.pth (f_q, f_k, queue, queue_ptr, optimiser, RNG) and OUT/backbone.pth (f_q's backbone)."""
-    save_resumable(out, model, optimizer, scaler, args, epoch)
-    if is_main():
-        models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
-                               os.path.join(out, "backbone.pth"))
 
 
 def resume(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -538,7 +505,8 @@ def add_run_args(parser: argparse.ArgumentParser, out: str, training: bool) -> a
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=out, help=f"run folder (default: {out})")
     run.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations (default: 0)")
-    run.add_argument("--amp", action="store_true", help="mixed precision on CUDA: bf16 where native, else fp16 (default: off)")
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision on CUDA: bf16 where native, else fp16 (default: off)")
     run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (default: off)")
     if training:
         run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth (default: off)")
@@ -548,7 +516,8 @@ def add_run_args(parser: argparse.ArgumentParser, out: str, training: bool) -> a
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     """The method's flags (paper: Objective Function, Table 4) and the optimiser's (Pre-training Settings)."""
     method = parser.add_argument_group("DSM method (paper: Objective Function, Table 4)")
-    method.add_argument("--arch", choices=models.ARCHS, default=None, help="backbone (default: mini on synthetic, else i3d)")
+    method.add_argument("--arch", choices=models.ARCHS, default=None,
+                        help="backbone (default: mini on synthetic, else i3d)")
     method.add_argument("--loss", choices=["contrastive", "triplet", "both"], default="contrastive",
                         help="Eq. 7 (the 'DSM' rows), Eq. 5 ('DSM (Triplet)'), or their sum (default: contrastive)")
     method.add_argument("--positive", choices=["tps", "none"], default="tps",
@@ -558,7 +527,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                              "none = queue negatives only; '--positive none --negative none' is the MoCo baseline "
                              "(default: disturb)")
     method.add_argument("--flow-max", type=float, default=5.0, help="M of Eq. 3: phi(t) ~ U[0, M] (default: 5)")
-    method.add_argument("--moco-k", type=int, default=None, help="queue length K (default: 512 on synthetic, else 6536)")
+    method.add_argument("--moco-k", type=int, default=None,
+                        help="queue length K (default: 512 on synthetic, else 6536)")
     method.add_argument("--moco-m", type=float, default=0.99, help="momentum m of f_k (default: 0.99)")
     method.add_argument("--moco-t", type=float, default=None,
                         help="temperature tau of Eq. 7; the paper writes 1, its code uses 0.07 "
@@ -607,19 +577,14 @@ def check_queue(args: argparse.Namespace, num_videos: int) -> None:
                          f"the queue would hold the anchor's own video; try --moco-k {suggestion}")
 
 
-MIN_BN_GROUP = 4  # clips per BatchNorm group below which its batch statistics are mostly noise
-BN_SPLITS = 4  # shuffle-BN on one process: BatchNorm groups, as MoCo's single-GPU demo (4 devices' worth)
-
-
 def print_config(stage: str, args: argparse.Namespace, world: int, bn_group: int | None, **fields: object) -> None:
-    """Print the resolved setting once, on rank 0, and warn about settings that are surely unintended:
-    the synthetic demo on several devices, and BatchNorm groups of a few clips (bn_group None: BatchNorm
-    is frozen or in eval mode)."""
+    """Print the resolved setting once, on rank 0, and warn about settings that are surely unintended: the synthetic
+    demo on several devices, and BatchNorm groups of a few clips (bn_group None: BatchNorm frozen or in eval mode)."""
     if not is_main():
         return
-    shown = {"dataset": args.dataset, "arch": args.arch, "clip": f"{args.clip_len} x {args.stride} frames at {args.size}",
-             "batch": f"{args.batch_size} global = {args.batch_size // world} per rank x {world}", **fields,
-             "out": args.out}
+    shown = dict(dataset=args.dataset, arch=args.arch, clip=f"{args.clip_len} x {args.stride} frames at {args.size}",
+                 batch=f"{args.batch_size} global = {args.batch_size // world} per rank x {world}", **fields,
+                 out=args.out)
     print(f"{stage}: " + " | ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
     if args.dataset == "synthetic" and world > 1:
         warnings.warn(f"{stage} runs the built-in synthetic CPU demo on {world} processes (a smoke test of the "
@@ -659,9 +624,8 @@ def main(argv: list[str] | None = None) -> None:
                  method=f"loss {args.loss}, positive {args.positive}, negative {args.negative}",
                  queue=f"K {args.moco_k}, tau {args.moco_t}" if args.loss != "triplet" else "none",
                  schedule=f"{args.epochs} epochs, {args.optimizer} lr {args.lr}")
-    model = DSM(args.arch, EMBEDDING_DIM, 0 if args.loss == "triplet" else args.moco_k, args.moco_m, args.moco_t,
-                bn_splits)
-    model = place(model, args, device)
+    K = 0 if args.loss == "triplet" else args.moco_k
+    model = place(DSM(args.arch, EMBEDDING_DIM, K, args.moco_m, args.moco_t, bn_splits), args, device)
     optimizer = make_optimizer(model.encoder_q.parameters(), args)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype_for(args, device) == torch.float16)
     if is_main():
@@ -685,7 +649,10 @@ def main(argv: list[str] | None = None) -> None:
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
             print(json.dumps(record))
             log_epoch(args.out, record)
-        save_state(args.out, model, optimizer, scaler, args, epoch + 1)
+        save_resumable(args.out, model, optimizer, scaler, args, epoch + 1)  # f_q, f_k, queue, optimiser, RNG
+        if is_main():  # and f_q's backbone alone, for finetune.py and retrieve.py
+            models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
+                                   os.path.join(args.out, "backbone.pth"))
     if world > 1:
         dist.destroy_process_group()
 

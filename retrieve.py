@@ -169,9 +169,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     rank, world, device = pretrain.setup_distributed(args.workers)
     pretrain.print_config("retrieve", args, world, None, start=args.pretrained, level="clip" if args.clip_level else "video")
     torch.manual_seed(args.seed)  # --pretrained none: the random init is a function of the seed
-    pretrained = args.pretrained != "none"
-    backbone = models.load_backbone(args.pretrained, args.arch) if pretrained else models.build_backbone(args.arch)
-    backbone = pretrain.place(backbone, args, device)
+    backbone = pretrain.place(models.build_backbone(args.arch) if args.pretrained == "none"
+                              else models.load_backbone(args.pretrained, args.arch), args, device)
     gallery, gallery_labels, train_skipped, train_cached = split_features(backbone, args, True, rank, world, device)
     query, query_labels, test_skipped, test_cached = split_features(backbone, args, False, rank, world, device)
     if world > 1:

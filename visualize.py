@@ -111,9 +111,6 @@ def probe_paste(frames: np.ndarray, patch: np.ndarray, top: int, left: int) -> n
 
 def probe_insert(frames: np.ndarray, still: np.ndarray, weight: float) -> np.ndarray:
     """(1 - weight) frame + weight still on every frame (a still every k-th frame would add motion): static noise."""
-    if still.shape != frames.shape[1:] or not 0 <= weight <= 1:
-        raise ValueError(f"need a still frame of shape {frames.shape[1:]} and 0 <= weight <= 1, "
-                         f"got {still.shape} and {weight}")
     return ((1 - weight) * frames.astype(np.float32) + weight * still.astype(np.float32)).round().astype(np.uint8)
 
 
@@ -291,7 +288,7 @@ def run_eval(backbones: dict[str, torch.nn.Module], source: data.SyntheticVideos
     flat (no contrast at all) has no box mass: skipped, named, counted."""
     masses, chances = {name: [] for name in backbones}, []
     for i in tqdm(range(args.num_test), desc="eval"):
-        case = make_case(source, i, (i + 1) % args.num_test, args.probe, args.insert_weight)
+        case = make_case(source, i, (i + 1) % args.num_test, args.probe, args.insert_weight, args.max_frames)
         for name, backbone in backbones.items():
             heat = video_heat(backbone, case.frames, args.clip_len, args.stride, args.window_stride, args.device,
                               args.batch_size)[0]
