@@ -2101,3 +2101,28 @@ def test_prepare_refuses_overlapping_or_missing_folders(tmp_path, capsys):
         data.main(["prepare", str(src), str(tmp_path / "dst"), "--short-side", "47"])
     assert "even --short-side" in capsys.readouterr().err
     assert _prepare_snapshot(src).keys() == {"a.avi"}
+
+
+# ---- the README names only what exists -----------------------------------------------
+import pathlib
+import re
+
+
+def test_readme_names_only_existing_functions_and_flags():
+    """Every `module.name` the README points at resolves, and every --flag it shows is defined by a script."""
+    readme = pathlib.Path(__file__).with_name("README.md").read_text()
+    modules = {"augment": augment, "data": data, "models": models, "pretrain": pretrain, "finetune": finetune,
+               "retrieve": retrieve, "visualize": visualize, "bench": bench}
+    for name in set(re.findall(r"`(augment|data|models|pretrain|finetune|retrieve|visualize|bench)\.(\w[\w.]*)`", readme)):
+        module, attribute = name
+        if attribute == "py":
+            continue
+        obj = modules[module]
+        for part in attribute.split("."):
+            assert hasattr(obj, part), f"README names {module}.{attribute}, which does not exist"
+            obj = getattr(obj, part)
+    sources = "".join(pathlib.Path(__file__).with_name(f).read_text() for f in
+                      ("data.py", "augment.py", "pretrain.py", "finetune.py", "retrieve.py", "visualize.py", "bench.py"))
+    torchrun = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port", "--help"}
+    for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme)) - torchrun:
+        assert f'"{flag}"' in sources or f'"{flag[2:]}"' in sources, f"README shows {flag}, which no script defines"
