@@ -1,19 +1,14 @@
 """Augmentations of DSM (paper, "Methodology"): the triplet a = b(c1), p = s(b(c2)), n = t(b(c3)).
 
-    b  basic augmentation: random resized crop and colour jitter per view, one horizontal flip per triplet
-       (a flip can turn Left into Right, so a and p must share it); each the same on every frame.
+    b  basic augmentation: random resized crop and colour jitter per view, one horizontal flip per triplet (a flip
+       can turn Left into Right, so a and p share it); each the same on every frame.
     s  Spatial Local Disturbance: a thin-plate-spline (TPS) warp, one warp for all frames.
-    t  Temporal Local Disturbance: optical-flow scaling (Eq. 3, OpenCV's Farneback flow) on top of the
-       temporal shift (Eq. 4), whose frames data.py decodes.
+    t  Temporal Local Disturbance: optical-flow scaling (Eq. 3, Farneback flow) on top of the temporal shift (Eq. 4).
 
-Our reading of "Overall Architecture": c1, c2, c3 are independent random crops of the same frames (c3 of the
-tau-shifted ones when the negative uses the shift), and s, t come after b: with positive="none" the positive is
-the standard MoCo second view, so the rows of Table 4 differ only in s and t.
-
-The dataset calls transform(clip, shifted, rng) with uint8 frames (T, H, W, 3); every random draw comes from the
-numpy Generator rng, so a sample is a function of its seed. Clips are float (C, T, H, W) in [0, 1] here; MEAN/STD
-normalisation is the last step. The device path (pretrain.py --augment-device cuda): the workers decode and draw
-(FramesAndDraws), the training process applies b, s, t to a batch on its GPU (DSMTriplet.apply_batch).
+Our reading of "Overall Architecture": c1, c2, c3 are independent crops of the same frames (c3 of the tau-shifted ones
+with the shift), s and t come after b: with positive="none" p is MoCo's second view, so Table 4 differs only in s, t.
+transform(clip, shifted, rng) takes uint8 (T, H, W, 3); every draw comes from rng (a sample is a function of its seed).
+Device path (pretrain.py --augment-device cuda): workers decode and draw, the GPU applies (DSMTriplet.apply_batch).
 
     python augment.py --show VIDEO OUT.png     # one triplet as a picture: rows a, p, n
 """
@@ -26,19 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as in MoCo
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as in MoCo
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey, as cv2.COLOR_RGB2GRAY and torchvision
-
 POSITIVES = ("tps", "none")
 NEGATIVES = ("disturb", "flow", "shift", "none")  # M-disturb, Scaling-Of, T-Shift, none (Table 4)
-
-# Farneback parameters: OpenCV's documented example values (3 pyramid levels, 15-pixel window);
-# a 112 x 112 pair takes ~2 ms on one core, and the test's 2 px shift comes back to 0.1 px.
+# OpenCV's documented example values: ~2 ms per 112 x 112 pair on one core; a 2 px test shift comes back to 0.1 px.
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
 TPS_POINTS = 5  # destination grid of the TPS, points per side: the authors' 5 x 5
 TPS_OFFSET = 0.1  # C of the offsets U[-C, C] as a fraction of the frame size (paper: 1/10)
-
 CropBox = tuple[int, int, int, int]  # top, left, h, w
 
 
@@ -51,31 +41,24 @@ def pixel_centres(height: int, width: int, device: torch.device | str = "cpu") -
 
 
 # ---- basic augmentation b -------------------------------------------------------
-
 def resize_crop(frames: np.ndarray | Tensor, box: CropBox, size: int, flip: bool = False) -> Tensor:
-    """Crop box of uint8 (T, H, W, 3) frames, resize to size x size, mirror left-right if flip:
-    float (C, T, size, size) in [0, 1], on the frames' device."""
+    """uint8 (T, H, W, 3) frames -> float (C, T, size, size) in [0, 1] of the box, resized, mirrored if flip."""
     top, left, h, w = box
     # (T, H, W, 3) viewed as (T, 3, H, W) is channels-last uint8: torch's fast antialiased path
     crop = torch.as_tensor(frames)[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
-    if crop.device.type == "cpu":
-        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    else:  # antialiased uint8 resizing exists on the CPU only: resize floats and round as it does
-        resized = F.interpolate(crop.float(), size=(size, size), mode="bilinear", align_corners=False,
-                                antialias=True).round_().clamp_(0, 255)
-    if flip:
-        resized = resized.flip(-1)
+    on_cpu = crop.device.type == "cpu"  # antialiased uint8 resizing exists on the CPU only: resize floats, round
+    resized = F.interpolate(crop if on_cpu else crop.float(), size=(size, size), mode="bilinear",
+                            align_corners=False, antialias=True)
+    resized = resized if on_cpu else resized.round_().clamp_(0, 255)
+    resized = resized.flip(-1) if flip else resized
     return resized.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
 def colour_jitter(clip: Tensor, factors: np.ndarray | Tensor) -> Tensor:
-    """Brightness b, contrast c, saturation s = factors (..., 3) on clips (..., C, T, H, W): x -> b x, then
-    c x + (1 - c) m with m the mean grey of the whole clip (every frame moves alike), then s x + (1 - s) grey(x).
-    All linear: one 3x3 colour matrix plus an offset, clamped once (torchvision clamps after each step).
-    No hue: its RGB <-> HSV round trip would cost more than the rest of b."""
+    """Brightness b, contrast c, saturation s = factors (..., 3) on clips (..., C, T, H, W): b x, c x + (1 - c) mean
+    grey, s x + (1 - s) grey(x), one colour matrix + offset clamped once. No hue: its HSV trip costs more than b."""
     f = torch.as_tensor(factors, dtype=torch.float64).to(clip.device)
-    b, c, s = f[..., 0], f[..., 1], f[..., 2]
-    luma = torch.tensor(LUMA, device=clip.device)
+    b, c, s, luma = f[..., 0], f[..., 1], f[..., 2], torch.tensor(LUMA, device=clip.device)
     # float64 where the scalars were float64, float32 where they met the clip: alone or in a batch, the same result
     m = b * torch.einsum("c,...cthw->...", luma, clip).double() / clip.shape[-3:].numel()
     eye, grey_rows = torch.eye(3, device=clip.device), torch.outer(torch.ones(3, device=clip.device), luma)
@@ -97,9 +80,7 @@ def check_frames(frames: np.ndarray, name: str) -> None:
 
 
 class BasicAugment:
-    """b: random resized crop + colour jitter, drawn once per view; the caller chooses the flip. The crop is
-    torchvision's RandomResizedCrop: area fraction ~ U[crop_scale], log aspect ratio ~ U[log crop_ratio], 10 tries,
-    then the largest centred crop; resized to size x size."""
+    """b: a random resized crop (as torchvision's) + colour jitter, drawn once per view; the caller picks the flip."""
 
     def __init__(self, size: int = 112, crop_scale: tuple[float, float] = (0.3, 1.0),
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4):
@@ -113,13 +94,11 @@ class BasicAugment:
         """A random crop, the same for every frame of the view."""
         log_ratio = np.log(self.crop_ratio)
         for _ in range(10):
-            area = height * width * rng.uniform(*self.crop_scale)
-            ratio = np.exp(rng.uniform(*log_ratio))
+            area, ratio = height * width * rng.uniform(*self.crop_scale), np.exp(rng.uniform(*log_ratio))
             w, h = round(np.sqrt(area * ratio)), round(np.sqrt(area / ratio))
             if 0 < w <= width and 0 < h <= height:
                 return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-        # no luck: the whole frame, trimmed to the nearest allowed aspect ratio, centred
-        ratio = min(max(width / height, self.crop_ratio[0]), self.crop_ratio[1])
+        ratio = min(max(width / height, self.crop_ratio[0]), self.crop_ratio[1])  # no luck: the centre, ratio clipped
         h, w = min(height, round(width / ratio)), min(width, round(height * ratio))
         return (height - h) // 2, (width - w) // 2, h, w
 
@@ -134,7 +113,6 @@ class BasicAugment:
         return view if factors is None else colour_jitter(view, factors)
 
     def __call__(self, frames: np.ndarray, rng: np.random.Generator, flip: bool = False) -> Tensor:
-        """uint8 (T, H, W, 3) -> float (C, T, size, size) in [0, 1]."""
         return self.apply(frames, *self.draw(frames.shape[1], frames.shape[2], rng), flip)
 
 
@@ -145,19 +123,14 @@ def normalise_(clip: Tensor) -> Tensor:
 
 
 # ---- Spatial Local Disturbance s: thin-plate spline ----------------------------
-
-def tps_kernel(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """U(|p_i - q_j|) with U(r) = r^2 log r, for p (n, 2), q (m, 2) -> (n, m)."""
-    r2 = ((p[:, None, :] - q[None, :, :]) ** 2).sum(-1)
-    return 0.5 * r2 * np.log(np.where(r2 > 0, r2, 1.0))  # r^2 log r = r^2 log(r^2) / 2; U(0) = 0
-
-
 def tps_matrix(dst: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(HW, N) matrix A such that, for source points src (N, 2), A @ src is the TPS f with f(dst_i) = src_i
-    at every pixel centre. f(p) = sum_i w_i U(|p - d_i|) + a_0 + a_x x + a_y y with [w; a] = L^-1 [src; 0],
-    L = [[K, P], [P^T, 0]] (interpolation, no affine part in w); f is linear in src, so L^-1 folds into A."""
+    """(HW, N) A such that A @ src (N, 2) is the TPS f(p) = sum_i w_i U(|p - d_i|) + a_0 + a_x x + a_y y with
+    f(dst_i) = src_i at every pixel centre: [w; a] = L^-1 [src; 0] is linear in src, so L^-1 folds into A."""
+    def features(points: np.ndarray) -> np.ndarray:  # [U(|p - d_i|), 1, x, y] per point p
+        r2 = ((points[:, None, :] - dst[None, :, :]) ** 2).sum(-1)
+        kernel = 0.5 * r2 * np.log(np.where(r2 > 0, r2, 1.0))  # U(r) = r^2 log r = r^2 log(r^2) / 2; U(0) = 0
+        return np.hstack([kernel, np.ones((len(points), 1)), points])
     n = len(dst)
-    features = lambda points: np.hstack([tps_kernel(points, dst), np.ones((len(points), 1)), points])  # [U, 1, x, y]
     L = np.zeros((n + 3, n + 3))
     L[:n] = features(dst)
     L[n:, :n] = L[:n, n:].T
@@ -166,24 +139,16 @@ def tps_matrix(dst: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 class TPSWarp:
-    """s: warp a clip with a random TPS, the same warp for every frame (temporally consistent).
-
-    Destination points d_i: a uniform points x points grid with corners at +-1, so the whole frame is disturbed
-    evenly; offsets Delta_i ~ U[-C, C] per coordinate, C = offset x frame size = 2 offset in grid units. A warp is
-    A @ src (tps_matrix, solved once) and one grid_sample; outside the frame it repeats the border: black corners
-    would mark the positive.
-    """
+    """s: one random TPS warp for all frames: d_i a points x points grid with corners at +-1, offsets ~ U[-C, C],
+    C = offset x frame size. The border repeats outside the frame: black corners would mark the positive."""
 
     def __init__(self, height: int, width: int, points: int = 5, offset: float = 0.1):
         if points < 2 or offset < 0:
             raise ValueError(f"TPSWarp needs points >= 2 and offset >= 0, got points={points}, offset={offset}")
-        self.height, self.width = height, width
-        g = np.linspace(-1.0, 1.0, points)
-        gy, gx = np.meshgrid(g, g, indexing="ij")
+        self.height, self.width, self.C = height, width, 2.0 * offset  # C in grid units
+        gy, gx = np.meshgrid(np.linspace(-1.0, 1.0, points), np.linspace(-1.0, 1.0, points), indexing="ij")
         dst = np.stack([gx.ravel(), gy.ravel()], axis=1)  # (N, 2), N = points^2
-        self.dst = torch.from_numpy(dst).float()
-        self.C = 2.0 * offset  # in grid units
-        self.A = tps_matrix(dst, height, width).astype(np.float32)  # (HW, N)
+        self.dst, self.A = torch.from_numpy(dst).float(), tps_matrix(dst, height, width).astype(np.float32)  # A (HW, N)
         self._A_on: dict[str, Tensor] = {}  # A as a tensor per device, for the device path
 
     def __getstate__(self) -> dict:
@@ -194,13 +159,11 @@ class TPSWarp:
         """(H, W, 2) grid_sample grid of the TPS f with f(dst_i) = src_i: the output pixel at dst_i samples src_i."""
         assert src.shape == self.dst.shape, (src.shape, self.dst.shape)
         # numpy, not torch: on a busy CPU torch's threaded BLAS took ~16 ms for this skinny product, numpy 0.1 ms
-        grid = self.A @ src.float().numpy()  # (HW, 2)
-        return torch.from_numpy(grid).reshape(self.height, self.width, 2)
+        return torch.from_numpy(self.A @ src.float().numpy()).reshape(self.height, self.width, 2)  # from (HW, 2)
 
     def sample_src(self, rng: np.random.Generator) -> Tensor:
         """(N, 2) source points s_i = d_i + Delta_i, Delta_i ~ U[-C, C]^2."""
-        delta = rng.uniform(-self.C, self.C, size=tuple(self.dst.shape))
-        return self.dst + torch.from_numpy(delta).float()
+        return self.dst + torch.from_numpy(rng.uniform(-self.C, self.C, size=tuple(self.dst.shape))).float()
 
     def grids(self, src: Tensor) -> Tensor:
         """(B, H, W, 2) grids of a batch of source points (B, N, 2), on their device (the device path)."""
@@ -213,9 +176,8 @@ class TPSWarp:
         """Clips (B, C, T, H, W) sampled at their grids (B, H, W, 2), one grid for all frames of a clip."""
         B, channels, T, H, W = clip.shape
         assert (H, W) == (self.height, self.width), f"TPSWarp built for {self.height}x{self.width}, got {H}x{W}"
-        # fold channels and time into grid_sample's channel axis
-        warped = F.grid_sample(clip.reshape(B, channels * T, H, W), grid, mode="bilinear",
-                               padding_mode="border", align_corners=False)
+        warped = F.grid_sample(clip.reshape(B, channels * T, H, W), grid, mode="bilinear", padding_mode="border",
+                               align_corners=False)  # channels and time folded into grid_sample's channel axis
         return warped.reshape(B, channels, T, H, W)
 
     def apply(self, clip: Tensor, src: Tensor) -> Tensor:
@@ -223,15 +185,12 @@ class TPSWarp:
         return self.warp(clip[None], self.grid(src)[None])[0]
 
     def __call__(self, clip: Tensor, rng: np.random.Generator) -> Tensor:
-        """s on one clip (C, T, H, W) with new source points drawn from rng."""
         return self.apply(clip, self.sample_src(rng))
 
 
 # ---- Temporal Local Disturbance t: optical-flow scaling ------------------------
-
 def grey_levels(clip: Tensor) -> Tensor:
-    """(..., T, H, W) float grey levels, whole numbers in [0, 255], of (..., 3, T, H, W) clips, float in
-    [0, 1] or uint8: what OpenCV's uint8 Farneback sees, so both flows start from the same frames."""
+    """Whole grey levels (..., T, H, W) in [0, 255] of [0, 1] or uint8 (..., 3, T, H, W) clips: OpenCV's flow input."""
     assert clip.ndim >= 4 and clip.shape[-4] == 3, clip.shape
     x = clip.float() / 255 if clip.dtype == torch.uint8 else clip.float()
     grey = torch.einsum("c,...cthw->...thw", torch.tensor(LUMA, device=clip.device), x)
@@ -250,9 +209,8 @@ def farneback_flow(clip: Tensor) -> Tensor:
 
 
 def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor) -> Tensor:
-    """Eq. 3 on clips (..., C, T, H, W): frame 0 unchanged, frame t+1 = frame t sampled at p + phi[t] * flow[t](p).
-    Samples outside the frame repeat its border: the paper shows a "wide black boundary" for a large M, and
-    black blotches would mark the negative by something other than its motion."""
+    """Eq. 3 on clips (..., C, T, H, W): frame 0 kept, frame t+1 = frame t sampled at p + phi[t] * flow[t](p). Outside
+    the frame the border repeats: the paper's "wide black boundary" at large M would mark n by more than motion."""
     *batch, channels, T, H, W = clip.shape
     assert flow.shape == (*batch, T - 1, 2, H, W), (flow.shape, clip.shape)
     assert phi.shape == (*batch, T - 1), (phi.shape, clip.shape)
@@ -267,19 +225,13 @@ def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor) -> Tensor:
     return out.reshape(clip.shape)
 
 
-# ---- the triplet ----------------------------------------------------------------
-
 class DSMTriplet:
-    """transform(clip, shifted, rng) -> (3, C, T, size, size): anchor a, positive p, negative n.
-
-    positive: "tps" p = s(b(c2)) | "none" p = b(c2) (the MoCo second view).
-    negative: "disturb" (M-disturb) n = flow-scaled b(c3), c3 from the tau-shifted frames (Eq. 3 + 4) | "flow"
-              (Scaling-Of) the same on the anchor's frames | "shift" (T-Shift) n = b(c3) of the shifted frames |
-              "none" no negative: returns (2, C, T, size, size). phi(t) ~ U[0, M] per step; the flow is taken
-              on the [0, 1] view at output size. flip: one coin per triplet mirrors a, p and n together.
-    `draw` is the only consumer of rng; the CPU path is draw then `apply`, per sample in the DataLoader worker,
-    the device path (FramesAndDraws, then `apply_batch`) applies the same draws to a whole batch.
-    """
+    """transform(clip, shifted, rng) -> (3, C, T, size, size): anchor a, positive p, negative n. positive: "tps"
+    p = s(b(c2)) | "none" p = b(c2) (MoCo's second view). negative: "disturb" (M-disturb) n = flow-scaled b(c3), c3 of
+    the tau-shifted frames (Eq. 3 + 4) | "flow" (Scaling-Of) the same on the anchor's frames | "shift" (T-Shift)
+    n = b(c3) of the shifted frames | "none": (2, C, T, size, size). phi(t) ~ U[0, M] per step, flow of the [0, 1] view;
+    one flip for a, p, n. `draw` alone consumes rng: the CPU path applies its draws per sample (`apply`), the device
+    path (FramesAndDraws, `apply_batch`) per batch."""
 
     def __init__(self, size: int = 112, positive: str = "tps", negative: str = "disturb", flow_max: float = 5.0,
                  crop_scale: tuple[float, float] = (0.3, 1.0), jitter: float = 0.4, flip: bool = True):
@@ -305,9 +257,8 @@ class DSMTriplet:
                 raise ValueError(f"shifted frames {shifted.shape} differ from clip frames {clip.shape}")
 
     def draw(self, T: int, height: int, width: int, rng: np.random.Generator) -> dict[str, Tensor]:
-        """Every random choice of one triplet, in this order: flip coin; crop box and jitter of a, then of p;
-        TPS source points of s; crop box and jitter of n; phi of t. "box" (V, 4): the crops of a, p[, n];
-        "jitter" (V, 3) only with jitter, "src" (N, 2) only with s, "phi" (T-1,) only with flow scaling."""
+        """Every random choice of one triplet, in order: flip; box, jitter of a, then of p; TPS points of s; box, jitter
+        of n; phi of t. "box" (V, 4); "jitter" (V, 3) with jitter, "src" (N, 2) with s, "phi" (T-1,) with flow."""
         draws = {"flip": torch.tensor(self.flip and rng.random() < 0.5)}
         views = [self.b.draw(height, width, rng), self.b.draw(height, width, rng)]  # c1, c2
         if self.s is not None:
@@ -342,8 +293,7 @@ class DSMTriplet:
         return self.apply(clip, shifted, self.draw(*clip.shape[:3], rng))
 
     def apply_batch(self, frames: list[Tensor], draws: dict[str, Tensor], device: torch.device | str) -> Tensor:
-        """The device path: `apply` batched, with farneback_torch: triplets (B, V, C, T, size, size) on `device` from
-        the workers' uint8 frames (per sample (1 or 2, T, H, W, 3): anchor[, shifted]) and their collated draws."""
+        """The device path: `apply` on a batch on `device`: (B, V, C, T, size, size) from frames and collated draws."""
         boxes, flips = draws["box"].tolist(), draws["flip"].tolist()  # on the host: no device sync
         draws = {k: v.to(device, non_blocking=True) for k, v in draws.items() if k in ("jitter", "src", "phi")}
         frames = [f.to(device, non_blocking=True) for f in frames]
@@ -361,14 +311,11 @@ class DSMTriplet:
 
 
 class ClipTransform:
-    """One normalised view (C, T, size, size) for fine-tuning and retrieval. train: b (random crop, colour
-    jitter, and a flip if `flip`); test: the centred square of side 7/8 of the short side, resized to size
-    (rng unused). data.py decodes at short side 8/7 x size: the usual 112-of-128 centre crop, no resampling."""
+    """A normalised view (C, T, size, size) for fine-tuning and retrieval: train b (+ `flip`), test the 7/8 centre."""
 
     def __init__(self, size: int = 112, train: bool = True, flip: bool = True,
                  crop_scale: tuple[float, float] = (0.3, 1.0)):
-        self.size, self.train, self.flip = size, train, flip
-        self.b = BasicAugment(size, crop_scale) if train else None
+        self.size, self.train, self.flip, self.b = size, train, flip, BasicAugment(size, crop_scale) if train else None
 
     def __call__(self, clip: np.ndarray, shifted: np.ndarray | None = None,
                  rng: np.random.Generator | None = None) -> Tensor:
@@ -387,11 +334,8 @@ def worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-# ---- the device path: the workers decode and draw, the GPU applies a batch ----------
-
 class FramesAndDraws:
-    """The device path's DataLoader transform: (clip, shifted, rng) -> {"frames": uint8 (1 or 2, T, H, W, 3),
-    "draws": triplet.draw(...)}, for DSMTriplet.apply_batch in the training process. Collate with collate_frames."""
+    """The device path's DataLoader transform: {"frames": uint8 (1 or 2, T, H, W, 3), "draws": triplet.draw(...)}."""
 
     def __init__(self, triplet: DSMTriplet):
         self.triplet = triplet
@@ -412,7 +356,6 @@ def collate_frames(batch: list[dict]) -> dict:
 
 # Farneback flow in torch, batched: Farneback (2003), "Two-frame motion estimation based on polynomial expansion",
 # organised as cv::calcOpticalFlowFarneback (flags=0: box window), so the same FARNEBACK parameters give the same flow.
-
 FARNEBACK_MIN_SIDE = 32  # OpenCV stops the pyramid before a level with a side below this
 FARNEBACK_BORDER = (0.14, 0.14, 0.4472, 0.4472, 0.4472)  # OpenCV's weights of the 5 pixels nearest an edge
 
@@ -426,8 +369,7 @@ def farneback_scales(height: int, width: int, pyr_scale: float, levels: int) -> 
 
 
 def pyramid_level(frames: Tensor, scale: float, height: int, width: int) -> Tensor:
-    """(B, 1, H, W) -> (B, 1, h, w): blurred against aliasing and resized from the full frames, not from the level
-    above. The blur is cv2.GaussianBlur's: separable, reflect-101 borders, at sigma 0 the fixed [1, 2, 1] / 4."""
+    """(B, 1, H, W) -> (B, 1, h, w) of the full frames, blurred as cv2.GaussianBlur (reflect-101; sigma 0: 1 2 1 /4)."""
     sigma = (1 / scale - 1) / 2
     r = max(round(sigma * 5) | 1, 3) // 2
     taps = torch.arange(-r, r + 1, dtype=torch.float64)
@@ -435,16 +377,13 @@ def pyramid_level(frames: Tensor, scale: float, height: int, width: int) -> Tens
     g = (g / g.sum()).to(frames)
     level = F.conv2d(F.pad(frames, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1))
     level = F.conv2d(F.pad(level, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
-    if (height, width) == tuple(frames.shape[-2:]):
-        return level
-    return F.interpolate(level, size=(height, width), mode="bilinear", align_corners=False)
+    same = (height, width) == tuple(frames.shape[-2:])
+    return level if same else F.interpolate(level, size=(height, width), mode="bilinear", align_corners=False)
 
 
 def poly_expansion(frames: Tensor, n: int, sigma: float) -> Tensor:
-    """(B, 1, H, W) -> (B, 5, H, W) quadratic f(p) ~ p^T A p + b^T p + c per pixel: b_x, b_y, A_xx, A_yy, A_xy
-    (the full xy coefficient), least squares under the Gaussian applicability g on [-n, n]. Separable: a vertical
-    pass with g, y g, y^2 g (replicated border, as OpenCV), then a horizontal one giving the six correlations
-    <f, g x^i y^j> (1, x, y, x^2, y^2, xy), which a (5, 6) matrix takes to the fit."""
+    """(B, 1, H, W) -> (B, 5, H, W) least-squares quadratic p^T A p + b^T p + c per pixel under the Gaussian on
+    [-n, n]: b_x, b_y, A_xx, A_yy, A_xy (full xy); separable: vertical, then horizontal (OpenCV's replicated border)."""
     sigma = sigma if sigma > 0 else 0.3 * n
     taps = torch.arange(-n, n + 1, dtype=torch.float64)
     g = torch.exp(-taps ** 2 / (2 * sigma ** 2))
@@ -462,22 +401,11 @@ def poly_expansion(frames: Tensor, n: int, sigma: float) -> Tensor:
     return F.conv2d(corr, solve.to(frames)[:, :, None, None])  # (B, 5, H, W): the least-squares fit per pixel
 
 
-def border_weights(height: int, width: int, device: torch.device) -> Tensor:
-    """(H, W): OpenCV's down-weighting of the polynomial fits within 5 pixels of an edge."""
-    def ramp(size: int) -> Tensor:
-        k = min(len(FARNEBACK_BORDER), size)
-        edge = torch.tensor(FARNEBACK_BORDER[:k], device=device)
-        w = torch.ones(size, device=device)
-        w[:k] *= edge
-        w[size - k:] *= edge.flip(0)
-        return w
-    return ramp(height)[:, None] * ramp(width)[None, :]
-
-
-def farneback_matrices(R0: Tensor, R1: Tensor, flow: Tensor, border: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
-    """(B, 5, H, W) per-pixel G = A^T A (xx, xy, yy) and h = A^T Delta b (x, y) for the current flow,
-    with A the mean of the two fits and Delta b = (b0 - b1(p + d)) / 2 + A d (Farneback 2003, Eq. 7).
-    xs, ys: (H, W) pixel coordinates, made once per pyramid level."""
+def farneback_update(R0: Tensor, R1: Tensor, flow: Tensor, border: Tensor, xs: Tensor, ys: Tensor,
+                     winsize: int) -> Tensor:
+    """One iteration on the flow d (B, 2, H, W): per pixel G = A^T A and h = A^T Delta b, A the mean of the two fits,
+    Delta b = (b0 - b1(p + d)) / 2 + A d (Farneback 2003, Eq. 7), then d = G^-1 h of their window means (box window,
+    replicated border); xs, ys: (H, W) pixel coordinates."""
     _, _, H, W = R0.shape
     px, py = xs + flow[:, 0], ys + flow[:, 1]  # (B, H, W) where p lands in the second frame
     inside = ((px.floor() >= 0) & (px.floor() < W - 1) & (py.floor() >= 0) & (py.floor() < H - 1))[:, None]
@@ -489,12 +417,8 @@ def farneback_matrices(R0: Tensor, R1: Tensor, flow: Tensor, border: Tensor, xs:
     dbx = (R0[:, 0] - R1p[:, 0]) / 2 + axx * flow[:, 0] + axy * flow[:, 1]
     dby = (R0[:, 1] - R1p[:, 1]) / 2 + axy * flow[:, 0] + ayy * flow[:, 1]
     axx, ayy, axy, dbx, dby = (t * border for t in (axx, ayy, axy, dbx, dby))
-    return torch.stack([axx * axx + axy * axy, (axx + ayy) * axy, ayy * ayy + axy * axy,
-                        axx * dbx + axy * dby, axy * dbx + ayy * dby], dim=1)
-
-
-def farneback_solve(M: Tensor, winsize: int) -> Tensor:
-    """(B, 2, H, W) flow d = G^-1 h from the window means of G and h (box window, replicated border)."""
+    M = torch.stack([axx * axx + axy * axy, (axx + ayy) * axy, ayy * ayy + axy * axy,  # G: xx, xy, yy; h: x, y
+                     axx * dbx + axy * dby, axy * dbx + ayy * dby], dim=1)
     r = winsize // 2
     M = F.avg_pool2d(F.pad(M, (0, 0, r, r), mode="replicate"), (winsize, 1), stride=1)
     M = F.avg_pool2d(F.pad(M, (r, r, 0, 0), mode="replicate"), (1, winsize), stride=1)
@@ -505,14 +429,12 @@ def farneback_solve(M: Tensor, winsize: int) -> Tensor:
 
 def farneback_torch(grey: Tensor, pyr_scale: float = 0.5, levels: int = 3, winsize: int = 15, iterations: int = 3,
                     poly_n: int = 5, poly_sigma: float = 1.2, flags: int = 0) -> Tensor:
-    """(N, T, H, W) grey in [0, 255] -> (N, T-1, 2, H, W) flow as farneback_flow gives it (Eq. 2), all frame
-    pairs at once: each frame's polynomial fit serves both pairs it is in. flags must be 0 (box window). cuDNN's
-    TF32 (PyTorch's default for convolutions on Ampere and newer) is off: it moved the flow by 0.17 px at worst."""
+    """(N, T, H, W) grey in [0, 255] -> (N, T-1, 2, H, W) flow as farneback_flow (Eq. 2), all pairs at once (a frame's
+    fit serves both its pairs); flags=0 only. cuDNN's TF32 (default on Ampere+) is off: it moved the flow 0.17 px."""
     if flags != 0:
         raise ValueError(f"farneback_torch implements flags=0 only, got {flags}")
     N, T, H, W = grey.shape
-    frames, flow = grey.reshape(N * T, 1, H, W).float(), None
-    saved = torch.backends.cudnn.allow_tf32
+    frames, flow, saved = grey.reshape(N * T, 1, H, W).float(), None, torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         for scale in reversed(farneback_scales(H, W, pyr_scale, levels)):  # coarse to fine
@@ -521,34 +443,24 @@ def farneback_torch(grey: Tensor, pyr_scale: float = 0.5, levels: int = 3, winsi
             R0, R1 = R[:, 1:].reshape(-1, 5, h, w), R[:, :-1].reshape(-1, 5, h, w)  # flow from frame t+1 into t
             flow = (torch.zeros(N * (T - 1), 2, h, w, device=grey.device) if flow is None
                     else F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False) / pyr_scale)
-            border = border_weights(h, w, grey.device)
+            ramps = [torch.ones(n, device=grey.device) for n in (h, w)]  # OpenCV's down-weighting near the edges
+            for ramp in ramps:
+                k = min(len(FARNEBACK_BORDER), len(ramp))
+                edge = torch.tensor(FARNEBACK_BORDER[:k], device=grey.device)
+                ramp[:k] *= edge
+                ramp[len(ramp) - k:] *= edge.flip(0)
+            border = ramps[0][:, None] * ramps[1][None, :]
             ys, xs = torch.meshgrid(torch.arange(h, device=grey.device, dtype=flow.dtype),
                                     torch.arange(w, device=grey.device, dtype=flow.dtype), indexing="ij")
             for _ in range(iterations):
-                flow = farneback_solve(farneback_matrices(R0, R1, flow, border, xs, ys), winsize)
+                flow = farneback_update(R0, R1, flow, border, xs, ys, winsize)
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     return flow.view(N, T - 1, 2, H, W)
 
 
-# ---- python augment.py --show VIDEO OUT.png --------------------------------------
-
-def save_strip(views: Tensor, path: str, labels: tuple[str, ...]) -> None:
-    """Write (V, C, T, S, S) normalised views as a PNG: one row per view, one column per frame."""
-    mean, std = torch.tensor(MEAN).view(3, 1, 1, 1), torch.tensor(STD).view(3, 1, 1, 1)
-    pixels = ((views * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # (V, C, T, S, S)
-    V, _, T, S, _ = pixels.shape
-    margin = 16  # room for the row label
-    canvas = np.full((V * S, margin + T * S, 3), 255, np.uint8)
-    canvas[:, margin:] = pixels.permute(0, 3, 2, 4, 1).reshape(V * S, T * S, 3).numpy()
-    for row, label in enumerate(labels):
-        cv2.putText(canvas, label, (3, row * S + S // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-    cv2.imwrite(path, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-
-
 def main() -> None:
     import data  # the picture shows the frames training decodes: data.py's, at its short side
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--show", nargs=2, metavar=("VIDEO", "OUT_PNG"), required=True, help="video file and PNG to write")
@@ -573,8 +485,16 @@ def main() -> None:
         raise SystemExit(f"cannot show {video}: {error}")
     transform = DSMTriplet(args.size, args.positive, args.negative, args.flow_max)
     views = transform(clip, shifted, np.random.default_rng(args.seed))
-    labels = ("a", "p", "n")[: len(views)]
-    save_strip(views, out, labels)
+    labels = ("a", "p", "n")[: len(views)]  # the PNG: one row per view, one column per frame
+    mean, std = torch.tensor(MEAN).view(3, 1, 1, 1), torch.tensor(STD).view(3, 1, 1, 1)
+    pixels = ((views * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # (V, C, T, S, S)
+    V, _, T, S, _ = pixels.shape
+    margin = 16  # room for the row label
+    canvas = np.full((V * S, margin + T * S, 3), 255, np.uint8)
+    canvas[:, margin:] = pixels.permute(0, 3, 2, 4, 1).reshape(V * S, T * S, 3).numpy()
+    for row, label in enumerate(labels):
+        cv2.putText(canvas, label, (3, row * S + S // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.imwrite(out, cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     print(f"wrote {out}: rows {labels}, {args.frames} frames of {video}")
 
 

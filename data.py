@@ -1,8 +1,7 @@
-"""Data stage of DSM: which frames make a clip (T frames at a stride, paper 16 x 4), the temporal shift of
-the negative (Eq. 4), the 10 test clips per video; videos named by UCF101, HMDB51, Kinetics-400 or plain-list
-split files and decoded with PyAV, or drawn on the fly (a synthetic dataset whose classes are motions); and
-`prepare`, which re-encodes a dataset once at training size with a keyframe every 16 frames (README, "Datasets").
-Augmentation (augment.py) comes after: ClipDataset calls `transform(clip, shifted, rng)` on uint8 (T, H, W, 3).
+"""Data stage of DSM: which frames make a clip (T frames at a stride, paper 16 x 4), the negative's temporal shift
+(Eq. 4), the 10 test clips per video; videos of UCF101, HMDB51, Kinetics-400 or plain-list split files decoded with
+PyAV, or drawn on the fly (synthetic: the classes are motions); `prepare` re-encodes a dataset once at training size,
+a keyframe every 16 frames (README, "Datasets"). ClipDataset calls augment.py's `transform(clip, shifted, rng)`.
 
     python data.py make-synthetic OUT                  # the synthetic dataset as UCF101-style files
     python data.py prepare SRC DST --short-side 256    # re-encode once, then train with --root DST
@@ -26,21 +25,16 @@ import torch
 from tqdm import tqdm
 
 # Temporal-shift bounds (alpha1, alpha2) in frames (Default Settings): Kinetics videos are longer.
-SHIFT_DEFAULTS: dict[str, tuple[int, int]] = {
-    "synthetic": (2, 20), "ucf101": (2, 20), "hmdb51": (2, 20), "kinetics": (4, 30), "list": (2, 20)}
+SHIFT_DEFAULTS = {"synthetic": (2, 20), "ucf101": (2, 20), "hmdb51": (2, 20), "kinetics": (4, 30), "list": (2, 20)}
 SEEK_AFTER_SECONDS = 2.0  # closer to the start than this, decoding from frame 0 beats a seek
 END_SLACK = 3             # headers that over-count by this many frames are padded, not "truncated"
-# Every file is written under NAME + PART_SUFFIX and renamed when complete: an interrupted run leaves no
-# half-written file under a real name, and, not being a video extension, a rerun never takes one for done.
-PART_SUFFIX = ".partial"
+PART_SUFFIX = ".partial"  # NAME + PART_SUFFIX until whole, then renamed; no video extension, so no rerun takes it
 
 
 def short_side_for(size: int) -> int:
     """Short side to decode at for a crop of `size` (the usual 8/7: 128 for 112, 256 for 224)."""
     return round(size * 8 / 7)
 
-
-# ---- which frames: clips, temporal shift, test clips --------------------------------------
 
 def temporal_indices(num_frames: int, start: int, clip_len: int, stride: int) -> list[int]:
     """Indices start, start+stride, ... of a clip, looping from the beginning past the end."""
@@ -62,28 +56,21 @@ def last_start(num_frames: int, clip_len: int, stride: int) -> int:
 
 def train_indices(num_frames: int, clip_len: int, stride: int, shift: tuple[int, int] | None,
                   rng: np.random.Generator, static: bool = False) -> list[int]:
-    """The anchor clip, then with shift = (alpha1, alpha2) its frames tau later (Eq. 4); static (Fig. 1): one
-    random frame repeated, no motion at all."""
+    """The anchor clip, then with shift = (alpha1, alpha2) its frames tau later (Eq. 4); static: one frame (Fig. 1)."""
     if static:
         anchor = [int(rng.integers(num_frames))] * clip_len
     else:  # a clip never jumps: it starts where it fits
         start = int(rng.integers(last_start(num_frames, clip_len, stride) + 1))
         anchor = temporal_indices(num_frames, start, clip_len, stride)
-    if shift is None:
-        return anchor
-    tau = sample_shift(rng, *shift)
-    return anchor + [(k + tau) % num_frames for k in anchor]  # Eq. 4 loops past the end
+    tau = None if shift is None else sample_shift(rng, *shift)
+    return anchor if tau is None else anchor + [(k + tau) % num_frames for k in anchor]  # Eq. 4 loops past the end
 
 
 def test_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
-    """Clip k starts at the centre of the k-th of num_clips equal parts of the valid starts (one clip: the
-    central one); a video shorter than one clip has only 0, so every clip loops from there."""
+    """Clip k starts at the centre of the k-th of num_clips equal parts of the valid starts (a short video: 0)."""
     assert num_frames > 0 and num_clips > 0, (num_frames, num_clips)
-    free = last_start(num_frames, clip_len, stride)
-    return [(2 * k + 1) * free // (2 * num_clips) for k in range(num_clips)]
+    return [(2 * k + 1) * last_start(num_frames, clip_len, stride) // (2 * num_clips) for k in range(num_clips)]
 
-
-# ---- which videos: split files ------------------------------------------------------------
 
 @dataclass(frozen=True)
 class VideoRecord:
@@ -112,8 +99,7 @@ def read_ucf101(root: str, split_dir: str, split: int, train: bool) -> tuple[lis
     if [num for num, _ in numbered] != list(range(1, len(numbered) + 1)):
         raise ValueError(f"{class_file}: class numbers are not 1..{len(numbered)}")
     index = {name: k for k, (_, name) in enumerate(numbered)}
-    list_file = os.path.join(split_dir, f"{'train' if train else 'test'}list0{split}.txt")
-    records = []
+    list_file, records = os.path.join(split_dir, f"{'train' if train else 'test'}list0{split}.txt"), []
     for n, text in _lines(list_file):
         rel, *given = text.split()
         cls = rel.split("/")[0]
@@ -153,11 +139,8 @@ def _kinetics_rows(csv_path: str) -> list[dict[str, str]]:
 
 
 def read_kinetics(root: str, csv_path: str, train: bool, classes: list[str]) -> tuple[list[VideoRecord], list[str]]:
-    """Kinetics-400 CSV 'label,youtube_id,time_start,time_end,split', rows 'train' or, for train=False,
-    'val'/'validate'/'test'. A video is the first of ROOT/<split>/<label>/<id>_<start:06d>_<end:06d>.mp4
-    or <id>.mp4 that exists, label folders with spaces or underscores; labels are indices into `classes`."""
-    index = {name: k for k, name in enumerate(classes)}
-    records = []
+    """Kinetics CSV rows of the split; a video is the first on disk of <split>/<label>/<id>[_<start>_<end>].mp4."""
+    index, records = {name: k for k, name in enumerate(classes)}, []
     for n, row in enumerate(_kinetics_rows(csv_path), 2):
         if row["split"] not in ({"train"} if train else {"val", "validate", "test"}):
             continue
@@ -170,21 +153,9 @@ def read_kinetics(root: str, csv_path: str, train: bool, classes: list[str]) -> 
     return records, classes
 
 
-def read_list(root: str, list_file: str) -> tuple[list[VideoRecord], list[str]]:
-    """Plain list 'relative/path.mp4 LABEL' (0-based); class names are the numbers '0', '1', ..."""
-    records = []
-    for n, text in _lines(list_file):
-        rel, label = _pair(text, f"{list_file}:{n}")
-        if not label.isdigit():
-            raise ValueError(f"{list_file}:{n}: label {label!r} is not a non-negative integer")
-        records.append(VideoRecord(os.path.join(root, rel), int(label)))
-    return records, [str(k) for k in range(max((r.label for r in records), default=-1) + 1)]
-
-
 def build_records(dataset: str, root: str, split_dir: str, split: int,
                   train: bool) -> tuple[list[VideoRecord], list[str]]:
-    """Records of one split, after checking that every video it names is on disk. kinetics reads
-    SPLIT_DIR/train.csv, or validate.csv (official name) or val.csv, always with train.csv's classes."""
+    """Records and classes of one split, every video on disk; kinetics: train.csv's classes, validate.csv or val.csv."""
     part = "train" if train else "test"
     if dataset == "ucf101":
         where = os.path.join(split_dir, f"{part}list0{split}.txt")
@@ -197,9 +168,14 @@ def build_records(dataset: str, root: str, split_dir: str, split: int,
         where = train_csv if train else next((p for p in val_csvs if os.path.exists(p)), val_csvs[0])
         classes = sorted({row["label"] for row in _kinetics_rows(train_csv)})
         records, classes = read_kinetics(root, where, train, classes)
-    elif dataset == "list":
-        where = os.path.join(split_dir, f"{part}list.txt")
-        records, classes = read_list(root, where)
+    elif dataset == "list":  # 'relative/path.mp4 LABEL' (0-based); the classes are the numbers '0', '1', ...
+        where, records = os.path.join(split_dir, f"{part}list.txt"), []
+        for n, text in _lines(where):
+            rel, label = _pair(text, f"{where}:{n}")
+            if not label.isdigit():
+                raise ValueError(f"{where}:{n}: label {label!r} is not a non-negative integer")
+            records.append(VideoRecord(os.path.join(root, rel), int(label)))
+        classes = [str(k) for k in range(max((r.label for r in records), default=-1) + 1)]
     else:
         raise ValueError(f"dataset {dataset!r} has no split files; choose from ucf101, hmdb51, kinetics, list")
     if not records:
@@ -210,8 +186,6 @@ def build_records(dataset: str, root: str, split_dir: str, split: int,
                                 f"e.g. {', '.join(absent[:5])}")
     return records, classes
 
-
-# ---- decoding video files -----------------------------------------------------------------
 
 class BadVideo(Exception):
     """A video that cannot give the frames asked for; the message names the file and the reason."""
@@ -241,8 +215,7 @@ def _count_frames(container: av.container.InputContainer, stream: av.video.strea
 
 @contextlib.contextmanager
 def _open_video(path: str, threads: int = 0):
-    """(container, first video stream, frame count) of path; BadVideo names what is wrong with the file. Another
-    file's error (writing prepare's output: a full disk) is no bad video, and is raised as it is."""
+    """(container, first video stream, frame count); BadVideo names the file's fault (others' errors raise as is)."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise BadVideo(f"{path}: {'zero bytes' if os.path.isfile(path) else 'missing'}")
     try:
@@ -269,20 +242,15 @@ def _rgb(frame: av.VideoFrame, short_side: int) -> np.ndarray:
 
 def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
           wanted: list[int], num_frames: int, short_side: int, seeked: bool) -> dict[int, np.ndarray] | None:
-    """Decode on to the last of the frames `wanted` (sorted, unique), indexed by time stamp x rate; an index
-    in a gap of the time stamps gets the frame still on screen. None when a seek landed past wanted[0]. A
-    stream that stops early lacks the frames past its end, unless it stops within END_SLACK of its header."""
+    """The frames `wanted` (sorted, unique) by time stamp x rate, an index in a gap getting the frame on screen; None
+    if a seek landed past wanted[0]. A stream that ends early lacks the rest, unless within END_SLACK of its header."""
     rate, start = _frame_rate(stream), stream.start_time or 0
     frames_per_tick = float(stream.time_base * rate) if rate else 0.0
-    out: dict[int, np.ndarray] = {}
-    j, last, last_index = 0, None, -1
+    out, j, last, last_index = {}, 0, None, -1
     for count, frame in enumerate(container.decode(stream)):
-        if frame.pts is None or not rate:
-            if seeked:
-                return None
-            index = count
-        else:
-            index = round((frame.pts - start) * frames_per_tick)
+        if (frame.pts is None or not rate) and seeked:
+            return None
+        index = count if frame.pts is None or not rate else round((frame.pts - start) * frames_per_tick)
         if last is None and seeked and index > wanted[0]:
             return None
         while j < len(wanted) and wanted[j] <= index:
@@ -342,8 +310,6 @@ class VideoFiles:
         return np.stack([frames[k] for k in indices])
 
 
-# ---- the built-in synthetic scene/motion dataset -----------------------------------------
-
 # Pairs that differ only in direction, so that no single frame tells the class apart.
 CLASSES = ("Left", "Right", "Up", "Down", "Clockwise", "Anticlockwise", "Grow", "Shrink")
 SCENES = ("HStripes", "VStripes", "Diagonals", "Checker", "Blobs", "Gradient", "Noise", "Rings")
@@ -356,9 +322,8 @@ SPLIT_IDS = {"train": 0, "test": 1}
 
 
 class SyntheticVideos:
-    """Videos drawn on the fly: an object whose motion is the class, over a static scene. In the train split
-    the scene is the class's own with probability scene_bias, in the test split it is independent of the
-    class. Deterministic in (seed, split, i)."""
+    """Videos drawn on the fly, deterministic in (seed, split, i): an object whose motion is the class over a static
+    scene, the class's own with probability scene_bias in the train split, independent of the class in test."""
 
     def __init__(self, split: str, num_videos: int, seed: int = 0, scene_bias: float = 0.8,
                  short_side: int = 128, num_frames: int = 64):
@@ -373,8 +338,7 @@ class SyntheticVideos:
     def _draw_video(self, i: int) -> SimpleNamespace:
         """Everything random about video i, lengths in pixels."""
         rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], i])
-        side, label = self.short_side, i % len(CLASSES)
-        keep, other = rng.random(), int(rng.integers(1, len(SCENES)))
+        side, label, keep, other = self.short_side, i % len(CLASSES), rng.random(), int(rng.integers(1, len(SCENES)))
         if self.split == "train":
             scene = label if keep < self.scene_bias else (label + other) % len(SCENES)
         else:
@@ -424,33 +388,23 @@ class SyntheticVideos:
         """(H, W, 3) uint8 static scene: its palette mixed by a texture of its kind."""
         side, f = self.short_side, v.bg_freq
         xs = np.broadcast_to(((np.arange(side) + 0.5) / side)[None, :], (side, side))  # (H, W) in frame sides
-        ys = xs.T
-        x, y = xs + v.bg_shift[0], ys + v.bg_shift[1]  # shifted per video, so no two look alike
-        if v.scene == 0:
-            wave = np.sin(12 * np.pi * f * y)
-        elif v.scene == 1:
-            wave = np.sin(12 * np.pi * f * x)
-        elif v.scene == 2:
-            wave = np.sin(10 * np.pi * f * (x + y))
-        elif v.scene == 3:
-            wave = 2.0 * ((np.floor(5 * f * x) + np.floor(5 * f * y)) % 2) - 1
-        elif v.scene == 4:
-            wave = np.sin(3 * np.pi * f * x) * np.sin(3 * np.pi * f * y)
-        elif v.scene == 5:
-            wave = np.cos(np.pi * f * (x + 0.5 * y) / 1.5)
-        elif v.scene == 6:  # 2x2 blocks survive video coding better than single pixels
-            noise = np.random.default_rng(v.bg_seed).random(((side + 1) // 2, (side + 1) // 2))
-            wave = 2 * noise.repeat(2, 0).repeat(2, 1)[:side, :side] - 1
-        else:
-            wave = np.sin(8 * np.pi * f * np.hypot(xs - v.bg_shift[0], ys - v.bg_shift[1]))
-        mix = (0.5 + 0.5 * wave)[..., None]  # (H, W, 1) in [0, 1]
+        x, y = xs + v.bg_shift[0], xs.T + v.bg_shift[1]  # shifted per video, so no two look alike
+        noise = lambda: np.random.default_rng(v.bg_seed).random(((side + 1) // 2, (side + 1) // 2))
+        waves = {"HStripes": lambda: np.sin(12 * np.pi * f * y), "VStripes": lambda: np.sin(12 * np.pi * f * x),
+                 "Diagonals": lambda: np.sin(10 * np.pi * f * (x + y)),
+                 "Checker": lambda: 2.0 * ((np.floor(5 * f * x) + np.floor(5 * f * y)) % 2) - 1,
+                 "Blobs": lambda: np.sin(3 * np.pi * f * x) * np.sin(3 * np.pi * f * y),
+                 "Gradient": lambda: np.cos(np.pi * f * (x + 0.5 * y) / 1.5),
+                 # 2x2 blocks survive video coding better than single pixels
+                 "Noise": lambda: 2 * noise().repeat(2, 0).repeat(2, 1)[:side, :side] - 1,
+                 "Rings": lambda: np.sin(8 * np.pi * f * np.hypot(xs - v.bg_shift[0], xs.T - v.bg_shift[1]))}
+        mix = (0.5 + 0.5 * waves[SCENES[v.scene]]())[..., None]  # (H, W, 1) in [0, 1]
         return (v.bg_colour[0] + (v.bg_colour[1] - v.bg_colour[0]) * mix).astype(np.uint8)
 
     def _draw(self, v: SimpleNamespace, background: np.ndarray, t: int) -> np.ndarray:
         """(H, W, 3) uint8 frame t: the checkered object with a black rim over the scene."""
-        side = self.short_side
+        side, centres = self.short_side, np.arange(self.short_side) + 0.5
         cx, cy, size = self._state(v, t)
-        centres = np.arange(side) + 0.5
         dx = (centres - cx + side / 2) % side - side / 2  # (W,) toroidal offsets from the centre
         dy = (centres - cy + side / 2) % side - side / 2  # (H,)
         cols, rows = np.flatnonzero(np.abs(dx) <= size / 2), np.flatnonzero(np.abs(dy) <= size / 2)
@@ -483,8 +437,7 @@ def _write_text(path: str, lines: list[str]) -> None:
 
 
 def make_synthetic(out: str, num_train: int, num_test: int, seed: int, scene_bias: float, short_side: int) -> None:
-    """OUT/videos/<Class>/v_<Class>_gXX_cYY.avi (MPEG-4 part 2, UCF101's codec) and UCF101 split files in
-    OUT/splits (split 1), the videos SyntheticVideos draws. Split files come last: they name finished videos."""
+    """OUT/videos/<Class>/v_<Class>_gXX_cYY.avi (MPEG-4 part 2, as UCF101), then UCF101 split 1 files in OUT/splits."""
     lists = {}
     for split, num_videos in (("train", num_train), ("test", num_test)):
         source = SyntheticVideos(split, num_videos, seed, scene_bias, short_side)
@@ -506,20 +459,14 @@ def make_synthetic(out: str, num_train: int, num_test: int, seed: int, scene_bia
     _write_text(os.path.join(out, "splits", "testlist01.txt"), [rel for rel, _ in lists["test"]])
 
 
-# ---- the torch Dataset --------------------------------------------------------------------
-
 _warned: set[str] = set()  # bad videos already reported by this process
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Clips from a source (VideoFiles or SyntheticVideos). train: views = transform(clip, shifted, rng), shifted
-    the clip's frames tau later (Eq. 4) or None without `shift`; test: the stack of transform(clip, None, rng) over
-    the test_clips clips at test_starts. Without transform, views are the uint8 frames: (T, H, W, 3), (2, T, H, W,
-    3) with shift, (test_clips, T, H, W, 3) in test. static (Fig. 1): train clips repeat one random frame, test
-    clips their middle one. Sample i draws from default_rng([seed, epoch, i]), whatever the workers or a resume:
-    call set_epoch before each epoch's DataLoader iterator (persistent_workers=False). A bad video is skipped for
-    the next one that decodes, so bad videos never stop an epoch; only a source in which none decodes raises.
-    "index" is the video used, "skipped" how many were passed over: > 0 exactly when video i is bad."""
+    """Clips of a VideoFiles or SyntheticVideos. train: views = transform(clip, shifted tau later (Eq. 4) or None, rng);
+    test: the stack of transform(clip, None, rng) over the test_starts clips; no transform: uint8 frames. static: one
+    frame (Fig. 1). Sample i draws from default_rng([seed, epoch, i]): call set_epoch each epoch. A bad video is
+    skipped for the next that decodes ("index": the video used; "skipped" > 0 exactly when i is bad)."""
 
     def __init__(self, source, clip_len: int = 16, stride: int = 4, transform: Callable | None = None,
                  shift: tuple[int, int] | None = None, mode: str = "train", test_clips: int = 10,
@@ -529,9 +476,8 @@ class ClipDataset(torch.utils.data.Dataset):
                              f"got {mode!r}, {clip_len}, {stride}, {test_clips}")
         if shift is not None and (mode == "test" or not 0 <= shift[0] <= shift[1]):
             raise ValueError(f"shift must be (alpha1, alpha2) with 0 <= alpha1 <= alpha2, train only; got {shift}")
-        self.source, self.clip_len, self.stride, self.transform = source, clip_len, stride, transform
+        self.source, self.clip_len, self.stride, self.transform, self.epoch = source, clip_len, stride, transform, 0
         self.shift, self.mode, self.test_clips, self.static, self.seed = shift, mode, test_clips, static, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.source)
@@ -576,12 +522,9 @@ class ClipDataset(torch.utils.data.Dataset):
         return torch.stack([self.transform(clip, None, rng) for clip in clips])
 
 
-# ---- prepare: re-encode a dataset once, so that every epoch decodes less -----------------
-
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v")
-# File names never change, so split files apply to the prepared tree as they are. Where an extension's
-# container cannot carry H.264 with exact time stamps the file holds MP4, found by its content: FFmpeg's
-# AVI demuxer dates H.264 frames one late, WebM takes only VP8/VP9/AV1, MPEG-PS loses the time stamps.
+# Names never change, so split files still apply. Containers that cannot carry H.264 with exact time stamps hold MP4
+# (FFmpeg's AVI demuxer dates H.264 frames one late, WebM takes only VP8/VP9/AV1, MPEG-PS loses the time stamps).
 PREPARE_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # others: mp4
 PREPARE_REPORT = "prepare_report.json"
 # CRF 18 is close to transparent; at short side 256 veryfast costs less than decoding a 720p source.
@@ -589,8 +532,7 @@ X264_OPTIONS = {"preset": "veryfast", "crf": "18"}
 
 
 def prepared_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side at short_side, aspect kept, both even (yuv420p halves them).
-    Never upscaled (more decode work, no detail): a smaller video keeps its size, less an odd row or column."""
+    """(width, height) at short side short_side, aspect kept, both even (yuv420p); never upscaled: no detail to gain."""
     short, long = min(width, height), max(width, height)
     if short <= short_side:
         return width - width % 2, height - height % 2
@@ -600,8 +542,7 @@ def prepared_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def _encode_frames(frames, out: av.container.OutputContainer, rate: Fraction, short_side: int,
                    keyframe_every: int, threads: int) -> int:
-    """Encode `frames` into `out`, renumbered 0, 1, ... at `rate` so gaps in a source's time stamps close;
-    returns how many. The size comes from the first frame: some headers have none."""
+    """Encode `frames` into `out`, renumbered 0, 1, ... at `rate` (closing gaps), sized by the first frame; how many."""
     stream, count = None, 0
     for count, frame in enumerate(frames, 1):
         if stream is None:  # scenecut=0: no keyframes at cuts beyond the fixed ones
@@ -619,8 +560,7 @@ def _encode_frames(frames, out: av.container.OutputContainer, rate: Fraction, sh
 
 
 def prepare_video(src: str, dst: str, short_side: int, keyframe_every: int = 16, threads: int = 1) -> int:
-    """Re-encode src's first video stream to dst (see `prepare`); its frame count. Written to dst + PART_SUFFIX
-    and renamed when complete. BadVideo names what is wrong with src; an error writing dst is raised."""
+    """Re-encode src's first video stream to dst (see `prepare`): its frame count; BadVideo names what src lacks."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     part = dst + PART_SUFFIX
     try:
@@ -649,41 +589,17 @@ def _prepare_job(job: tuple[str, str, str, int, int, int]) -> tuple[str, str | N
         return rel, str(error).removeprefix(f"{src}: ")
 
 
-def _run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, str]]:
-    """Run the jobs on `workers` processes (in this one for 1) under a progress bar; the failures."""
-    failed = []
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
-    try:
-        results = map(_prepare_job, jobs) if pool is None else \
-            (future.result() for future in as_completed([pool.submit(_prepare_job, job) for job in jobs]))
-        for rel, reason in tqdm(results, total=len(jobs), desc="prepare", unit="video", smoothing=0.05):
-            if reason is not None:
-                failed.append({"path": rel, "reason": reason})
-                tqdm.write(f"skipping bad video {rel}: {reason}")
-    finally:
-        if pool is not None:  # Ctrl-C: stop at once, not after every queued video
-            pool.shutdown(wait=False, cancel_futures=True)
-    return sorted(failed, key=lambda entry: entry["path"])
-
-
-def find_videos(root: str) -> list[str]:
-    """Relative paths of the files under root with a video extension (any case), sorted."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        found += [os.path.relpath(os.path.join(folder, name), root) for name in sorted(files)
-                  if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS]
-    return found
-
-
 def _check_prepare(src: str, dst: str, settings: dict) -> list[str]:
-    """The videos under SRC; exits unless SRC is a folder apart from DST (nothing under SRC is ever written)
-    and DST holds no videos prepared with other settings (a rerun must not mix sizes)."""
+    """The videos under SRC; exits unless SRC is a folder apart from DST and DST holds none with other settings."""
     if not os.path.isdir(src):
         raise SystemExit(f"prepare: SRC {src} is not a folder")
     if os.path.commonpath([src, dst]) in (src, dst):
         raise SystemExit(f"prepare: DST {dst} and SRC {src} must not be or hold one another: choose a DST outside SRC")
-    videos = find_videos(src)
+    videos = []
+    for folder, dirs, files in os.walk(src):  # sorted, video extensions in any case
+        dirs.sort()
+        videos += [os.path.relpath(os.path.join(folder, name), src) for name in sorted(files)
+                   if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS]
     if not videos:
         raise SystemExit(f"prepare: no videos ({' '.join(VIDEO_EXTENSIONS)}) under {src}")
     if "libx264" not in av.codecs_available:  # PyAV's wheels bundle it; a build on a system FFmpeg may not
@@ -698,11 +614,9 @@ def _check_prepare(src: str, dst: str, settings: dict) -> list[str]:
 
 
 def prepare(src: str, dst: str, short_side: int, keyframe_every: int = 16, workers: int | None = None) -> dict:
-    """Re-encode every video under src into dst at the same relative path and name: H.264 (libx264) at short
-    side `short_side`, a keyframe every `keyframe_every` frames, the same frames and frame rate, yuv420p, no
-    audio (containers: PREPARE_CONTAINERS; an .avi holds MP4). A smaller video keeps its size but is still
-    re-encoded, so its seeks too land within keyframe_every frames. Existing outputs are skipped, so a rerun
-    resumes; bad videos are named on the console and in DST/prepare_report.json, which this returns."""
+    """Re-encode every video under src into dst, same relative paths: H.264 at short side `short_side` (never
+    upscaled), a keyframe every `keyframe_every` frames, same frames and rate, no audio (PREPARE_CONTAINERS). A rerun
+    skips existing outputs; bad videos are named on the console and in DST/prepare_report.json, which this returns."""
     src, dst = os.path.realpath(src), os.path.realpath(dst)
     settings = {"short_side": short_side, "keyframe_every": keyframe_every, "encoder": "libx264"}
     videos, report_path = _check_prepare(src, dst, settings), os.path.join(dst, PREPARE_REPORT)
@@ -718,8 +632,19 @@ def prepare(src: str, dst: str, short_side: int, keyframe_every: int = 16, worke
           f"{len(todo)} to encode with libx264 on {workers} workers"
           + (f"; removed {len(stale)} partial files of a killed run" if stale else ""))
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
-    failed = _run_jobs([(rel, os.path.join(src, rel), os.path.join(dst, rel), short_side, keyframe_every, threads)
-                        for rel in todo], workers)
+    jobs = [(rel, os.path.join(src, rel), os.path.join(dst, rel), short_side, keyframe_every, threads) for rel in todo]
+    failed, pool = [], ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None  # 1: in this process
+    try:
+        results = map(_prepare_job, jobs) if pool is None else \
+            (future.result() for future in as_completed([pool.submit(_prepare_job, job) for job in jobs]))
+        for rel, reason in tqdm(results, total=len(jobs), desc="prepare", unit="video", smoothing=0.05):
+            if reason is not None:
+                failed.append({"path": rel, "reason": reason})
+                tqdm.write(f"skipping bad video {rel}: {reason}")
+    finally:
+        if pool is not None:  # Ctrl-C: stop at once, not after every queued video
+            pool.shutdown(wait=False, cancel_futures=True)
+    failed.sort(key=lambda entry: entry["path"])
     report = {"source": src, **settings, "finished": True, "done": len(todo) - len(failed),
               "skipped_existing": len(videos) - len(todo), "failed": failed}
     _write_text(report_path, json.dumps(report, indent=1).splitlines())
@@ -728,47 +653,42 @@ def prepare(src: str, dst: str, short_side: int, keyframe_every: int = 16, worke
     return report
 
 
-# ---- command line -------------------------------------------------------------------------
-
-# Clip geometry when --size/--clip-len/--stride are not given: the paper's 16 x 4 frames at 224 (C3D users
-# pass --size 112), and a CPU-sized clip for the synthetic videos, whose 64-pixel frames hold a 16-pixel
-# object that crops below 0.6 of the area lose too often (docs/RESULTS.md).
+# Defaults of --size/--clip-len/--stride/--crop-scale: the paper's 16 x 4 frames at 224 (C3D: --size 112), and a CPU
+# clip for the synthetic 64-pixel frames, whose 16-pixel object crops below 0.6 of the area lose (docs/RESULTS.md).
 CLIP_DEFAULTS = {"synthetic": dict(size=64, clip_len=8, stride=2, crop_scale=[0.6, 1.0]),
                  "paper": dict(size=224, clip_len=16, stride=4, crop_scale=[0.3, 1.0])}
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The data flags every stage script shares."""
-    group = parser.add_argument_group("data (paper: Datasets, Default Settings, Temporal Shift)")
-    group.add_argument("--dataset", choices=list(SHIFT_DEFAULTS), default="synthetic", help="default: synthetic")
-    group.add_argument("--root", default=None, help="video folder (needed unless synthetic)")
-    group.add_argument("--split-dir", default=None, help="annotation folder: UCF101 classInd/trainlist0S/testlist0S, "
-                       "HMDB51 *_test_splitS, Kinetics train.csv + validate.csv, list trainlist.txt + testlist.txt")
-    group.add_argument("--split", type=int, choices=(1, 2, 3), default=1, help="UCF101/HMDB51 split (default: 1)")
-    group.add_argument("--size", type=int, default=None,
-                       help="crop size; frames are decoded at short side 8/7 of it (default: 64 on synthetic, else 224)")
-    group.add_argument("--clip-len", type=int, default=None, help="frames T per clip (default: 8 on synthetic, else 16)")
-    group.add_argument("--stride", type=int, default=None, help="temporal stride (default: 2 on synthetic, else 4)")
-    group.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                       help="area fraction of the random resized crop (default: 0.6 1 on synthetic, else 0.3 1)")
-    group.add_argument("--shift", type=int, nargs=2, default=None, metavar=("ALPHA1", "ALPHA2"),
-                       help="bounds of the temporal shift tau, frames (Eq. 4; default: 4 30 on kinetics, else 2 20)")
-    group.add_argument("--flip", choices=("on", "off"), default=None,
-                       help="random horizontal flip, one coin per sample (default: off on synthetic, whose classes "
-                            "are mirror pairs, else on; off for make-synthetic's files too)")
-    group.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank (default: 2)")
-    group.add_argument("--num-train", type=int, default=800, help="synthetic training videos (default: 800)")
-    group.add_argument("--num-test", type=int, default=400, help="synthetic test videos (default: 400)")
-    group.add_argument("--scene-bias", type=float, default=0.8,
-                       help="synthetic training videos whose scene is their class's own (default: 0.8)")
-    group.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic videos themselves (default: 0)")
+    add = parser.add_argument_group("data (paper: Datasets, Default Settings, Temporal Shift)").add_argument
+    add("--dataset", choices=list(SHIFT_DEFAULTS), default="synthetic", help="default: synthetic")
+    add("--root", default=None, help="video folder (needed unless synthetic)")
+    add("--split-dir", default=None, help="annotation folder: UCF101 classInd/trainlist0S/testlist0S, "
+        "HMDB51 *_test_splitS, Kinetics train.csv + validate.csv, list trainlist.txt + testlist.txt")
+    add("--split", type=int, choices=(1, 2, 3), default=1, help="UCF101/HMDB51 split (default: 1)")
+    add("--size", type=int, default=None,
+        help="crop size; frames are decoded at short side 8/7 of it (default: 64 on synthetic, else 224)")
+    add("--clip-len", type=int, default=None, help="frames T per clip (default: 8 on synthetic, else 16)")
+    add("--stride", type=int, default=None, help="temporal stride (default: 2 on synthetic, else 4)")
+    add("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+        help="area fraction of the random resized crop (default: 0.6 1 on synthetic, else 0.3 1)")
+    add("--shift", type=int, nargs=2, default=None, metavar=("ALPHA1", "ALPHA2"),
+        help="bounds of the temporal shift tau, frames (Eq. 4; default: 4 30 on kinetics, else 2 20)")
+    add("--flip", choices=("on", "off"), default=None, help="random horizontal flip, one coin per sample (default: off "
+        "on synthetic, whose classes are mirror pairs, else on; off for make-synthetic's files too)")
+    add("--workers", type=int, default=2, help="DataLoader worker processes per rank (default: 2)")
+    add("--num-train", type=int, default=800, help="synthetic training videos (default: 800)")
+    add("--num-test", type=int, default=400, help="synthetic test videos (default: 400)")
+    add("--scene-bias", type=float, default=0.8,
+        help="synthetic training videos whose scene is their class's own (default: 0.8)")
+    add("--data-seed", type=int, default=0, help="seed of the synthetic videos themselves (default: 0)")
 
 
 def resolve_data_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the data flags left at None and check the ones that need a folder."""
-    for key, value in CLIP_DEFAULTS["synthetic" if args.dataset == "synthetic" else "paper"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    defaults = CLIP_DEFAULTS["synthetic" if args.dataset == "synthetic" else "paper"]
+    vars(args).update({k: v for k, v in defaults.items() if getattr(args, k) is None})
     args.flip = (args.dataset != "synthetic") if args.flip is None else args.flip == "on"
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise SystemExit(f"need 0 < LO <= HI <= 1 for --crop-scale, got {args.crop_scale}")

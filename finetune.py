@@ -1,11 +1,10 @@
 """Action recognition downstream of DSM (paper: "Fine-tuning Settings", "Evaluation Settings", Table 1, Figs. 1, 4).
 
---protocol full fine-tunes every weight from the pretrained backbone (45 epochs, lr 0.1 x0.1 every 10; the CPU
-demo's backbone at 0.1x the fc's lr); linear freezes it, BatchNorm included, and trains the fc. A test video's
-prediction is the mean of its 10 uniformly spaced clips' softmaxes. --label-fraction 0.01 / 0.1: class-balanced
-subsets (Fig. 4); --static: one frame repeated, and --compare: what motion adds per class over such a run (Fig. 1);
---split all: the mean of the three splits (Table 1).
-Writes OUT/results.json (clip/video top-1/top-5 in percent, per_class_top1, the arguments) and OUT/log.jsonl.
+--protocol full fine-tunes every weight from the pretrained backbone (45 epochs, lr 0.1 x0.1 every 10; the CPU demo's
+backbone at 0.1x the fc's lr); linear freezes it, BatchNorm included, and trains the fc. A test video's prediction is
+the mean of its 10 uniformly spaced clips' softmaxes. --label-fraction 0.01 / 0.1: class-balanced subsets (Fig. 4);
+--static: one frame repeated, --compare: what motion adds per class (Fig. 1); --split all: the mean of the three
+splits (Table 1). Writes OUT/results.json (clip/video top-1/top-5 %, per_class_top1, the arguments), OUT/log.jsonl.
 
     python pretrain.py && python finetune.py      # synthetic videos, `mini`, CPU: a few minutes after pretraining
     python finetune.py --pretrained none --out runs/finetune_scratch          # supervised from scratch
@@ -32,17 +31,15 @@ import models
 import pretrain
 from pretrain import concat_all_gather, is_main
 
-# The synthetic CPU demo: 12 epochs of 16-clip batches (lr x0.1 every 4, as 10 of 45) fit in minutes on 2 cores.
-# Its backbone learns at 0.1x the fc's: at one lr for all, three fine-tuning seeds from one checkpoint spread
-# over 12 points (lr 0.05) or collapse (lr 0.1); at 0.1x, 1.5 points (docs/RESULTS.md).
+# The synthetic CPU demo: 12 epochs of 16-clip batches (lr x0.1 every 4, as 10 of 45), minutes on 2 cores. Backbone
+# at 0.1x the fc's lr: at one lr, 3 fine-tuning seeds spread over 12 points or collapse; at 0.1x, 1.5 (docs/RESULTS.md).
 SYNTHETIC_DEFAULTS = dict(arch="mini", epochs=12, batch_size=16, lr=0.1, lr_every=4, backbone_lr=0.1)
 PAPER_DEFAULTS = dict(arch="i3d", epochs=45, batch_size=128, lr=0.1, lr_every=10, backbone_lr=1.0)
 PROTOCOL_DEFAULTS = {"full": dict(wd=5e-4, dropout=0.5), "linear": dict(wd=0.0, dropout=0.0)}  # linear: MoCo's probe
 
 
 def balanced_subset(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
-    """Sorted indices of a class-balanced `fraction` of the videos, as SimCLR's 1% / 10% ImageNet subsets:
-    round(fraction * N / C) per class (the paper: ~6 and ~57 on Kinetics), at least 1, drawn from `seed`."""
+    """Sorted indices of round(fraction * N / C) >= 1 videos per class (SimCLR's 1%, 10%; paper: ~6, ~57, Kinetics)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
     labels = np.asarray(labels)
@@ -70,15 +67,6 @@ def test_set(args: argparse.Namespace, source) -> data.ClipDataset:
     """--test-clips centre-cropped clips per video, spaced uniformly (Evaluation Settings)."""
     return data.ClipDataset(source, args.clip_len, args.stride, augment.ClipTransform(args.size, train=False),
                             mode="test", test_clips=args.test_clips, seed=args.seed)
-
-
-def class_names(args: argparse.Namespace, sources: Sequence) -> list[str]:
-    """Names of the classes, position = label: the synthetic motions, the split files' classes, or numbers."""
-    if args.dataset == "synthetic":
-        return list(data.CLASSES)
-    if args.dataset == "list":
-        return [str(k) for k in range(1 + max(src.label(i) for src in sources for i in range(len(src))))]
-    return data.build_records(args.dataset, args.root, args.split_dir, args.split, train=False)[1]
 
 
 class LinearProbe(models.Classifier):
@@ -146,8 +134,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
             pretrain.check_finite({"loss": mean_loss}, epoch, step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{100 * float(correct) / (step * len(labels)):.1f}",
                             lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-    elapsed = time.perf_counter() - t_start
-    totals = torch.stack([loss_sum, correct, loss_sum.new_tensor(skipped)])
+    elapsed, totals = time.perf_counter() - t_start, torch.stack([loss_sum, correct, loss_sum.new_tensor(skipped)])
     loss_sum, correct, skipped = concat_all_gather(totals[None]).sum(0).tolist()  # over the ranks
     seen = len(loader) * loader.batch_size * pretrain.world_size()  # drop_last: every training batch is full
     return {"loss": loss_sum / (len(loader) * pretrain.world_size()), "train_clip_top1": 100 * correct / seen,
@@ -156,8 +143,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: torch.utils.data.DataLoader, args: argparse.Namespace, device: torch.device) -> dict:
-    """Per video of the split, on every rank: "probs" (N, classes) the mean of its clips' softmaxes, "clip_top1" /
-    "clip_top5" how many of its clips are right, "label", and "read", False for a skipped bad video (a zero row)."""
+    """Per video, on every rank: "probs" its clips' mean softmax, "clip_top1/5" its right clips, "label", "read"."""
     model.eval()
     amp_dtype = pretrain.amp_dtype_for(args, device)
     names, rows = ("probs", "clip_top1", "clip_top5", "label", "index"), []
@@ -203,8 +189,7 @@ def evaluate(model: nn.Module, source, classes: Sequence[str], args: argparse.Na
 
 
 def relative_improvement(normal: dict[str, float], static: dict[str, float]) -> dict[str, float]:
-    """(acc_normal - acc_static) / acc_static per class in both (Fig. 1's dots). With acc_static = 0:
-    +inf when the normal model gets any video right (motion made all the difference), else 0."""
+    """(acc_normal - acc_static) / acc_static per class in both (Fig. 1's dots); acc_static 0: +inf, 0 if both are."""
     return {name: (normal[name] - static[name]) / static[name] if static[name] > 0
             else float("inf") if normal[name] > 0 else 0.0 for name in sorted(normal.keys() & static.keys())}
 
@@ -277,7 +262,13 @@ def run_split(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                                   rank=rank, world=world)
     if len(loader) == 0:
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(loader.dataset)} training videos ({world} ranks)")
-    classes = class_names(args, [train_source, test_source])
+    if args.dataset == "synthetic":  # the class names, position = label
+        classes = list(data.CLASSES)
+    elif args.dataset == "list":
+        labels = [s.label(i) for s in (train_source, test_source) for i in range(len(s))]
+        classes = [str(k) for k in range(1 + max(labels))]
+    else:
+        classes = data.build_records(args.dataset, args.root, args.split_dir, args.split, train=False)[1]
     model = pretrain.place(build_model(args, len(classes)), args, device)
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=pretrain.amp_dtype_for(args, device) == torch.float16)

@@ -1,10 +1,7 @@
 """The networks of DSM (paper: "Networks"; retrieval features: "Video Retrieval") and checkpoint I/O.
 
-build_backbone(arch) is f: (B, 3, T, H, W) -> last feature map, for arch in ARCHS: the paper's C3D, I3D, R3D-34,
-plus R3D-18 and `mini`, a small R3D that pretrains on a CPU in minutes (the default); any input size works.
-Encoder = f, global average pool, fc to 128-d, L2 norm (the z of the losses); Classifier = the fine-tuning head.
-Layer names follow each net's public code (VCP's C3D, piergiaj/pytorch-i3d, kenshohara/3D-ResNets-PyTorch).
-Check: `pytest test_dsm.py -k models`; speed: `python bench.py model`.
+build_backbone(arch) is f: (B, 3, T, H, W) -> last feature map for the paper's C3D, I3D, R3D-34, plus R3D-18 and `mini`
+(a CPU-sized R3D), layers named as in each net's public code. Check: `pytest test_dsm.py -k models`, `bench.py model`.
 """
 import os
 from collections import OrderedDict
@@ -15,15 +12,13 @@ import torch.nn.functional as F
 
 
 class C3D(nn.Sequential):
-    """C3D with BatchNorm as in VCP / PRP / Clip Order: 8 convs 3x3x3, 4 max-pools; no pool5/fc6/fc7, so any
-    input size works and 16x112x112 ends at 512 x 2 x 7 x 7, the retrieval grid."""
+    """C3D with BatchNorm as in VCP / PRP / Clip Order, no pool5/fc6/fc7 (any input size): 16x112x112 -> 512x2x7x7."""
 
     def __init__(self):
         layers, c_in = [], 3
         # (layer, channels, max-pool after it); pool1 keeps time so early layers see motion at full frame rate
-        plan = [("1", 64, (1, 2, 2)), ("2", 128, 2), ("3a", 256, None), ("3b", 256, 2),
-                ("4a", 512, None), ("4b", 512, 2), ("5a", 512, None), ("5b", 512, None)]
-        for name, c_out, pool in plan:
+        for name, c_out, pool in [("1", 64, (1, 2, 2)), ("2", 128, 2), ("3a", 256, None), ("3b", 256, 2),
+                                  ("4a", 512, None), ("4b", 512, 2), ("5a", 512, None), ("5b", 512, None)]:
             layers += [(f"conv{name}", nn.Conv3d(c_in, c_out, 3, padding=1)), (f"bn{name}", nn.BatchNorm3d(c_out)),
                        (f"relu{name}", nn.ReLU(inplace=True))]
             if pool is not None:
@@ -95,12 +90,10 @@ class I3D(nn.Sequential):
                              MaxPool3d_2a_3x3=MaxPool3dSame((1, 3, 3), (1, 2, 2)),
                              Conv3d_2b_1x1=Unit3D(64, 64), Conv3d_2c_3x3=Unit3D(64, 192, (3, 3, 3)),
                              MaxPool3d_3a_3x3=MaxPool3dSame((1, 3, 3), (1, 2, 2)))
-        c_in = 192
+        c_in, pools = 192, {"Mixed_4b": ("MaxPool3d_4a_3x3", (3, 3, 3)), "Mixed_5b": ("MaxPool3d_5a_2x2", (2, 2, 2))}
         for name, channels in mixed.items():
-            if name == "Mixed_4b":
-                layers["MaxPool3d_4a_3x3"] = MaxPool3dSame((3, 3, 3), (2, 2, 2))
-            if name == "Mixed_5b":
-                layers["MaxPool3d_5a_2x2"] = MaxPool3dSame((2, 2, 2), (2, 2, 2))
+            if name in pools:  # before the 4th and the 5th stage
+                layers[pools[name][0]] = MaxPool3dSame(pools[name][1], (2, 2, 2))
             layers[name] = InceptionModule(c_in, channels)
             c_in = layers[name].out_channels
         super().__init__(layers)
@@ -124,8 +117,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet3d(nn.Sequential):
-    """3D ResNet of Hara et al. 2018 without avgpool/fc: 512 x 1 x 4 x 4 at 16x112, 1 x 7 x 7 at 224. Shortcut B (1x1x1
-    conv + BN) as 3D-ResNets-PyTorch and torchvision, not Hara's A (zero-padded identity): R3D-34 63.5 M, not 63.3."""
+    """3D ResNet (Hara et al. 2018) without avgpool/fc; shortcut B (1x1x1 conv + BN): R3D-34 63.5 M params, not 63.3."""
 
     def __init__(self, blocks: tuple[int, ...], widths: tuple[int, ...] = (64, 128, 256, 512),
                  stem_kernel: tuple[int, int, int] = (7, 7, 7)):
@@ -179,8 +171,7 @@ class Classifier(nn.Module):
     def __init__(self, backbone_or_arch: str | nn.Module, num_classes: int, dropout: float = 0.5):
         super().__init__()
         self.backbone = build_backbone(backbone_or_arch) if isinstance(backbone_or_arch, str) else backbone_or_arch
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(self.backbone.out_channels, num_classes)
+        self.dropout, self.fc = nn.Dropout(dropout), nn.Linear(self.backbone.out_channels, num_classes)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)  # as MoCo's linear classifier
         nn.init.zeros_(self.fc.bias)
 
@@ -204,8 +195,6 @@ MAPPING_TYPES = (dict, OrderedDict)  # exact types, as torch.load rebuilds them;
 
 def check_plain(value: object, key: str) -> None:
     """Raise TypeError naming `key` unless `value` is tensors and plain Python values only."""
-    if isinstance(value, torch.Tensor) or type(value) in PLAIN_TYPES:
-        return
     if type(value) in MAPPING_TYPES:
         for k, v in value.items():
             if type(k) not in PLAIN_TYPES:
@@ -214,7 +203,7 @@ def check_plain(value: object, key: str) -> None:
     elif type(value) in (list, tuple, torch.Size):
         for i, v in enumerate(value):
             check_plain(v, f"{key}[{i}]")
-    else:
+    elif not (isinstance(value, torch.Tensor) or type(value) in PLAIN_TYPES):
         raise TypeError(f"checkpoint key {key} holds a {type(value).__module__}.{type(value).__qualname__}; only "
                         "tensors, dict, list, tuple, str, int, float, bool and None load with weights_only=True")
 
@@ -248,15 +237,13 @@ def load_checkpoint(path: str) -> dict:
 
 
 def load_backbone(path: str, arch: str) -> nn.Module:
-    """build_backbone(arch) with the (query) backbone weights of the checkpoint at `path`: of a pretraining,
-    Encoder/Classifier or plain backbone state dict, DDP's "module." prefix or not."""
+    """build_backbone(arch) with the (query) backbone weights of a pretraining, Encoder, Classifier or f checkpoint."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: expected a dict with 'arch' and 'state_dict'")
     if ckpt["arch"] != arch:
         raise ValueError(f"{path} holds a {ckpt['arch']!r} network, but arch {arch!r} was asked for")
-    model = build_backbone(arch)
-    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    model, state = build_backbone(arch), {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
     prefix = next((p for p in ("encoder_q.backbone.", "backbone.") if any(k.startswith(p) for k in state)), "")
     state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not set(state) & set(model.state_dict()):

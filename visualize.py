@@ -1,22 +1,16 @@
 """Where does the network look? Motion saliency heat-maps and response curves (paper, "Analysis", Figs. 5-6).
 
-Fig. 5: 16-frame windows slide with stride 4; each clip's last 3D feature map before global pooling, averaged over
-the channels and upsampled, is overlaid, and its mean, min-max over the video, is the clip's "response value".
-Fig. 6 probes (--probe): static (one frame repeated: no motion), paste (a still patch of another video in every
-frame: a still distractor), insert (a still frame of another video blended into every frame: static noise). On
-synthetic videos the object's box is known, so "DSM focuses on the moving area" becomes a number: the heat's share
-in the box, next to chance (the box's share of the frame); --eval averages it over the test split per checkpoint.
-
-Where the paper leaves a choice: "(L - 16)/4 clips" are windows of 16 consecutive frames (--stride 1), all that fit;
-a frame's heat is the mean of its windows' maps; min-max over the whole video, not per window, so windows and frames
-compare; the input is the whole frame at short side 8/7 x --size, uncropped (the nets are fully convolutional).
+Fig. 5: 16-frame windows (--stride 1) slide by 4 over the uncropped frames; each clip's last feature map, averaged over
+the channels and upsampled, is overlaid (a frame's heat: its windows' mean); its mean, min-max'ed over the video, is
+the clip's "response value". Fig. 6 probes (--probe): static (one frame repeated), paste (a still patch of another
+video), insert (another video's still frame blended in). On synthetic videos "DSM focuses on the moving area" becomes
+a number: the heat's share in the object's box, next to chance; --eval averages it over the test split per checkpoint.
 
     python visualize.py --pretrained runs/pretrain/checkpoint.pth --probe static   # a synthetic test video
     python visualize.py --pretrained CKPT --arch i3d --size 224 --video v.avi --out vis
     python visualize.py --eval --pretrained none runs/moco/checkpoint.pth runs/dsm/checkpoint.pth \\
         --names random moco dsm --clip-len 8 --stride 2
-Writes OUT/NAME[_PROBE]_heat.mp4 (overlay), _sheet.png (frames over overlays), _response.csv and _response.png;
-with --eval OUT/eval.json and the table on stdout.
+Writes OUT/NAME[_PROBE]_heat.mp4, _sheet.png, _response.csv and _response.png; with --eval OUT/eval.json and a table.
 """
 import argparse
 import json
@@ -39,10 +33,8 @@ import models
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels, as data.SyntheticVideos.box
 
 
-# ---- heat-maps (Fig. 5) ------------------------------------------------------------------------
-
 def energy(feature_map: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C, T', h, w) -> (B, T, H, W): the paper's "average over all channels", upsampled trilinearly."""
+    """(B, C, T', h, w) -> (B, T, H, W): the paper's "average over all channels" (Fig. 5), upsampled trilinearly."""
     mean = feature_map.float().mean(dim=1, keepdim=True)
     return F.interpolate(mean, size=size, mode="trilinear", align_corners=False)[:, 0]
 
@@ -79,23 +71,19 @@ def box_mask(box: Box, height: int, width: int) -> np.ndarray:
     """bool (H, W): pixels whose centre lies in box; past an edge it continues on the opposite side."""
     x0, y0, x1, y1 = box
     inside_x = (np.arange(width) + 0.5 - x0) % width <= x1 - x0  # the modulo wraps, as the object does
-    inside_y = (np.arange(height) + 0.5 - y0) % height <= y1 - y0
-    return inside_y[:, None] & inside_x[None, :]
+    return ((np.arange(height) + 0.5 - y0) % height <= y1 - y0)[:, None] & inside_x[None, :]
 
 
 def box_mass(heat: np.ndarray, boxes: list[Box]) -> float:
-    """Share of the heat (T, H, W) inside boxes[t], averaged over the frames; a uniform heat gives
-    chance. Frames without heat have no share and are left out; nan when no frame has heat."""
+    """Share of the heat (T, H, W) inside boxes[t], mean over the frames with heat (uniform heat: chance; none: nan)."""
     masks = np.stack([box_mask(box, *heat.shape[1:]) for box in boxes])
     total, inside = (x.sum(axis=(1, 2), dtype=np.float64) for x in (heat, heat * masks))
     seen = total > 0
     return float((inside[seen] / total[seen]).mean()) if seen.any() else float("nan")
 
 
-# ---- probes (Fig. 6) and inputs ----------------------------------------------------------------
-
 def probe_static(frames: np.ndarray, t: int) -> np.ndarray:
-    """Frame t repeated for the whole video: the scene without any motion."""
+    """Frame t repeated for the whole video: the scene without any motion (Fig. 6's probes)."""
     return np.repeat(frames[t:t + 1], len(frames), axis=0)
 
 
@@ -123,8 +111,7 @@ class Case:
 
 def make_case(source: data.SyntheticVideos | data.VideoFiles, i: int, other: int, probe: str, weight: float,
               max_frames: int = 300) -> Case:
-    """Video i of source with the probe; patch and still come from video other's middle frame. paste: on
-    synthetic videos the other's object, in place; on files the central square, a third of the short side."""
+    """Video i with the probe; patch or still of video other's middle frame (paste: its object or a central square)."""
     frames = source.read(i, lambda n: list(range(min(n, max_frames))))
     L, H, W, _ = frames.shape
     synthetic = isinstance(source, data.SyntheticVideos)
@@ -133,8 +120,7 @@ def make_case(source: data.SyntheticVideos | data.VideoFiles, i: int, other: int
         return Case(probe_static(frames, L // 2), boxes and [boxes[L // 2]] * L)
     if probe == "none":
         return Case(frames, boxes)
-    still = source.read(other, lambda n: [n // 2])[0]
-    still = cv2.resize(still, (W, H), interpolation=cv2.INTER_AREA)  # another file may differ in size
+    still = cv2.resize(source.read(other, lambda n: [n // 2])[0], (W, H), interpolation=cv2.INTER_AREA)  # files differ
     if probe == "insert":
         return Case(probe_insert(frames, still, weight), boxes)
     if synthetic:  # the other object, moved inside the frame if it wraps around an edge
@@ -149,8 +135,6 @@ def make_case(source: data.SyntheticVideos | data.VideoFiles, i: int, other: int
     return Case(probe_paste(frames, patch, top, left), boxes, [(left, top, left + w, top + h)] * L)
 
 
-# ---- outputs -----------------------------------------------------------------------------------
-
 def overlay(frames: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """uint8 RGB (T, H, W, 3) frames blended with OpenCV's jet colours of heat (T, H, W) in [0, 1]."""
     grey = (np.clip(heat, 0, 1) * 255).round().astype(np.uint8)
@@ -158,46 +142,6 @@ def overlay(frames: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndar
     colours = colours.reshape(frames.shape)[..., ::-1]  # OpenCV's colours are BGR
     return ((1 - alpha) * frames.astype(np.float32) + alpha * colours).round().astype(np.uint8)
 
-
-def outline(frames: np.ndarray, boxes: list[Box], colour: tuple[int, int, int]) -> np.ndarray:
-    """Each frame's box border drawn onto uint8 (T, H, W, 3) frames; unlike cv2.rectangle it wraps."""
-    out = frames.copy()
-    for frame, (x0, y0, x1, y1) in zip(out, boxes):
-        inner = (x0 + 1, y0 + 1, x1 - 1, y1 - 1)  # the pixels whose four neighbours are all inside
-        frame[box_mask((x0, y0, x1, y1), *frame.shape[:2]) & ~box_mask(inner, *frame.shape[:2])] = colour
-    return out
-
-
-def write_outputs(base: str, frames: np.ndarray, shown: np.ndarray, starts: list[int], response: np.ndarray,
-                  fps: int, columns: int = 8, header: int = 14) -> None:
-    """BASE_heat.mp4 of the overlays `shown`; BASE_sheet.png, `columns` frames spread over the video, input
-    above, overlay below; BASE_response.csv (window, start_frame, response) and its curve BASE_response.png."""
-    H, W = shown.shape[1] // 2 * 2, shown.shape[2] // 2 * 2  # yuv420p needs even sizes
-    with av.open(base + "_heat.mp4", "w") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        for image in shown:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:H, :W]), "rgb24")))
-        container.mux(stream.encode())
-    picks = np.unique(np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int))
-    row = np.hstack(frames[picks])
-    canvas = np.vstack([np.full((header, row.shape[1], 3), 255, np.uint8), row, np.hstack(shown[picks])])
-    for c, t in enumerate(picks):
-        cv2.putText(canvas, f"t={t}", (c * frames.shape[2] + 3, header - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.imwrite(base + "_sheet.png", canvas[..., ::-1])  # OpenCV writes BGR
-    rows = [f"{k},{s},{r:.6f}" for k, (s, r) in enumerate(zip(starts, response))]
-    with open(base + "_response.csv", "w") as f:
-        f.write("\n".join(["window,start_frame,response", *rows]) + "\n")
-    fig = Figure(figsize=(4.8, 2.4), dpi=100)
-    ax = fig.subplots()
-    ax.plot(starts, response, "o-", color="tab:red", markersize=3)
-    ax.set(xlabel="window start frame", ylabel="response", ylim=(-0.05, 1.05), title="min-max over the video")
-    fig.tight_layout()
-    fig.savefig(base + "_response.png")
-
-
-# ---- command line ------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,7 +209,7 @@ def load_model(path: str, args: argparse.Namespace) -> torch.nn.Module:
 
 
 def show(name: str, backbone: torch.nn.Module, case: Case, args: argparse.Namespace) -> None:
-    """Heat-map video, contact sheet and response curve of one case; the box masses where boxes are known."""
+    """The overlay video, a sheet of 8 frames (input above, overlay below), the response csv and curve; box masses."""
     heat, response, starts = video_heat(backbone, case.frames, args.clip_len, args.stride, args.window_stride,
                                         args.device, args.batch_size)
     L = len(heat)
@@ -275,17 +219,39 @@ def show(name: str, backbone: torch.nn.Module, case: Case, args: argparse.Namesp
     for boxes, colour, what in [(case.boxes, (255, 255, 255), "moving object's box"),
                                 (case.patch, (255, 0, 255), "pasted still patch")]:
         if boxes is not None:
-            shown = outline(shown, boxes[:L], colour)
+            for image, (x0, y0, x1, y1) in zip(shown, boxes):  # the box's border; unlike cv2.rectangle it wraps
+                inner = (x0 + 1, y0 + 1, x1 - 1, y1 - 1)  # the pixels whose four neighbours are all inside
+                image[box_mask((x0, y0, x1, y1), *image.shape[:2]) & ~box_mask(inner, *image.shape[:2])] = colour
             mass, chance = box_mass(heat, boxes[:L]), box_mass(np.ones_like(heat), boxes[:L])
             print(f"  heat mass in the {what} {mass:.3f} (chance {chance:.3f}, ratio {mass / chance:.2f})")
     k = args.zoom or max(1, 256 // min(frames.shape[1:3]))
     frames, shown = (x.repeat(k, axis=1).repeat(k, axis=2) for x in (frames, shown))  # nearest: stays sharp
-    write_outputs(os.path.join(args.out, prefix), frames, shown, starts, response, args.fps)
+    base, H, W = os.path.join(args.out, prefix), shown.shape[1] // 2 * 2, shown.shape[2] // 2 * 2  # yuv420p: even
+    with av.open(base + "_heat.mp4", "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=args.fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        for image in shown:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:H, :W]), "rgb24")))
+        container.mux(stream.encode())
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(8, len(frames))).round().astype(int))
+    row = np.hstack(frames[picks])
+    canvas = np.vstack([np.full((14, row.shape[1], 3), 255, np.uint8), row, np.hstack(shown[picks])])  # 14: header
+    for c, t in enumerate(picks):
+        cv2.putText(canvas, f"t={t}", (c * frames.shape[2] + 3, 11), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    cv2.imwrite(base + "_sheet.png", canvas[..., ::-1])  # OpenCV writes BGR
+    rows = [f"{k},{s},{r:.6f}" for k, (s, r) in enumerate(zip(starts, response))]
+    with open(base + "_response.csv", "w") as f:
+        f.write("\n".join(["window,start_frame,response", *rows]) + "\n")
+    ax = Figure(figsize=(4.8, 2.4), dpi=100).subplots()
+    ax.plot(starts, response, "o-", color="tab:red", markersize=3)
+    ax.set(xlabel="window start frame", ylabel="response", ylim=(-0.05, 1.05), title="min-max over the video")
+    ax.figure.tight_layout()
+    ax.figure.savefig(base + "_response.png")
 
 
 def run_eval(backbones: dict[str, torch.nn.Module], source: data.SyntheticVideos, args: argparse.Namespace) -> None:
-    """Box mass per checkpoint over the synthetic test split, as a table and OUT/eval.json. A video whose heat is
-    flat (no contrast at all) has no box mass: skipped, named, counted."""
+    """Box mass per checkpoint over the synthetic test split, as a table and OUT/eval.json; flat-heat videos skipped."""
     masses, chances = {name: [] for name in backbones}, []
     for i in tqdm(range(args.num_test), desc="eval"):
         case = make_case(source, i, (i + 1) % args.num_test, args.probe, args.insert_weight, args.max_frames)
