@@ -472,7 +472,7 @@ FLAGS = {  # (flag, type, default, help) of each bench; a list default takes one
     "results": [("--seeds", int, [0], "a table each, then mean +- std (default: 0)"),
                 ("--ablation-seeds", int, 3, "the Table 4 rows on the first N of the seeds only (default: 3)"),
                 ("--pretrain-epochs", int, None, "every pretraining (default: pretrain.py's, 6 on synthetic)"),
-                ("--finetune-epochs", int, None, "every probe and fine-tuning (default: finetune.py's, 12)"),
+                ("--finetune-epochs", int, None, "every probe and fine-tuning (default: finetune.py's, 24)"),
                 ("--out", str, "runs/results", "run folder (default: runs/results)"),
                 ("--figure", str, "docs/decoupling.png", "the figure (default: docs/decoupling.png)"),
                 ("--moco-k", int, None, "queue length of every pretraining (default: pretrain.py's)"),
