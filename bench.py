@@ -16,9 +16,11 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.models.video.resnet import BasicBlock, Conv3DSimple, VideoResNet
 
 import augment
 import data
+import pretrain
 import retrieve
 
 CPU = time.process_time  # every thread of the process (FFmpeg decodes with several), no neighbour's load
@@ -26,7 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # where the stage scripts run
 PAPER_CLIPS = dict(clip_len=16, stride=4, shift=(2, 20))  # 16 x 4 frames, and the same tau ~ U[2, 20] later
 
 
-# ---- shared: clocks, the ratio lines, generated videos ----------------------
 def _seconds(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> tuple[float, object]:
     t0 = clock()
     out = fn()
@@ -80,8 +81,7 @@ def _record(path: str) -> dict:
 
 
 def triplet_stages(path: str, size: int, samples: int) -> dict[str, float]:
-    """CPU seconds of one DSM triplet from `path`: per stage, whole, the device path's worker share, and its decode
-    seeking against from frame 0 (the file opened untimed); medians over `samples` draws."""
+    """CPU seconds of one DSM triplet from `path`: per stage, whole, the device path's worker; medians of `samples`."""
     triplet, files = augment.DSMTriplet(size), data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(size))
     runs = []
     for seed in range(samples):
@@ -100,14 +100,6 @@ def triplet_stages(path: str, size: int, samples: int) -> dict[str, float]:
         to_device = augment.FramesAndDraws(triplet)
         t["worker"] = t["decode"] + _seconds(
             lambda: to_device(clip, shifted, np.random.default_rng(seed))["frames"].share_memory_(), CPU)[0]
-        for seek in (True, False):
-            with av.open(path) as container:
-                stream = container.streams.video[0]
-                stream.thread_type = "AUTO"  # as data.VideoFiles decodes
-                wanted = sorted(set(draw_frames(stream.frames, np.random.default_rng(seed))))  # the same draw
-                where = (container, stream, wanted, stream.frames, data.short_side_for(size))
-                decode = lambda: data._decode(*where) if seek else data._scan(*where, seeked=False)
-                t["seek" if seek else "from frame 0"] = _seconds(decode, CPU)[0]
         runs.append(t)
     return {k: float(np.median([t[k] for t in runs])) for k in runs[0]}
 
@@ -141,35 +133,51 @@ def bench_augment(args: argparse.Namespace) -> None:
 
 
 def bench_data(args: argparse.Namespace) -> None:
-    """The paper's data path per core, stage by stage; seek vs sequential (keyframes every 250, x264's, and 25); raw
-    vs prepared."""
+    """The paper's data path per core, stage by stage; a sample's decode from raw against prepared H.264."""
     _one_thread()
-    stages = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for keyint in (250, 25):
-            _moving_video(os.path.join(tmp, f"{keyint}.mp4"), 300, 272, 640, codec="libx264", keyint=keyint)
-            for size in (224, 112):
-                stages[keyint, size] = triplet_stages(os.path.join(tmp, f"{keyint}.mp4"), size, args.repeat)
+        video, raw, prepared = (os.path.join(tmp, name) for name in ("v.mp4", "raw.mp4", "prepared.mp4"))
+        _moving_video(video, 300, 272, 640, codec="libx264")  # x264's keyframe every 250
+        stages = {size: triplet_stages(video, size, args.repeat) for size in (224, 112)}
+        _moving_video(raw, frames=250, height=720, width=1280, codec="libx264")  # one keyframe
+        prepare, _ = _seconds(lambda: data.prepare_video(raw, prepared, 256, 16), CPU)  # short side 256
+        datasets = [data.ClipDataset(data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(224)),
+                                     **PAPER_CLIPS) for path in (raw, prepared)]
+        seconds = [[_seconds(lambda: d[i], CPU)[0] for d in datasets] for i in range(args.repeat)]  # alternating
     columns = ("decode", "b", "s", "Farneback", "flow scaling", "total")
     print(f"one DSM triplet from 640x272 H.264, CPU ms, 1 torch/OpenCV thread, median of {args.repeat} samples")
-    print(f"{'keyframes':>9} {'crop':>5} " + " ".join(f"{c:>12}" for c in columns) + f" {'triplets/s/core':>16}")
-    for (keyint, size), m in stages.items():
-        print(f"{keyint:>9} {size:>5} " + " ".join(f"{m[c] * 1e3:12.1f}" for c in columns) + f" {1 / m['total']:16.2f}")
-    with tempfile.TemporaryDirectory() as tmp:  # a sample from raw 1280x720 H.264 (one keyframe) and from its copy
-        paths = [os.path.join(tmp, "raw.mp4"), os.path.join(tmp, "prepared.mp4")]
-        _moving_video(paths[0], frames=250, height=720, width=1280, codec="libx264")
-        prepare, _ = _seconds(lambda: data.prepare_video(paths[0], paths[1], 256, 16), CPU)  # short side 256
-        datasets = [data.ClipDataset(data.VideoFiles([data.VideoRecord(path, 0)], data.short_side_for(224)),
-                                     **PAPER_CLIPS) for path in paths]
-        seconds = [[_seconds(lambda: d[i], CPU)[0] for d in datasets] for i in range(args.repeat)]  # alternating
+    print(f"{'crop':>5} " + " ".join(f"{c:>12}" for c in columns) + f" {'triplets/s/core':>16}")
+    for size, m in stages.items():
+        print(f"{size:>5} " + " ".join(f"{m[c] * 1e3:12.1f}" for c in columns) + f" {1 / m['total']:16.2f}")
     raw, prepared = np.median(seconds, axis=0)
-    m = stages[250, 224]
+    m = stages[224]
     print_ratios([("224: device path's worker (decode, draws)", "the decode alone", m["worker"], m["decode"], "<= 1.2"),
-                  ("224: CPU path (decode, b, s, t)", "the decode alone", m["total"], m["decode"], None)]
-                 + [(f"{size}: decode seeking, keyframe every {k}", "from frame 0", d["seek"], d["from frame 0"], None)
-                    for (k, size), d in stages.items()]
-                 + [("a sample from raw 1280x720 H.264", "from its prepared copy", raw, prepared, ">= 3")])
+                  ("224: CPU path (decode, b, s, t)", "the decode alone", m["total"], m["decode"], None),
+                  ("a sample from raw 1280x720 H.264", "from its prepared copy", raw, prepared, ">= 3")])
     print(f"preparing the 250 frames once cost {prepare:.2f} s CPU ({prepare / 250 * 1e3:.1f} ms per frame)")
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    """A DSM step (f_q on a and n, f_k on p, SGD) of our r3d18 against the same net from torchvision's parts."""
+    torch.manual_seed(0)
+    views = torch.randn(4, 3, 3, 8, 64, 64)  # (B, a/p/n, C, T, H, W)
+    step_args = pretrain.parse_args(["--loss", "both", "--moco-k", "64", "--batch-size", str(len(views))])
+    steps, scaler = [], torch.amp.GradScaler("cpu", enabled=False)
+    for torchvision_parts in (False, True):
+        model = pretrain.DSM("r3d18", K=64)
+        for encoder in (model.encoder_q, model.encoder_k) if torchvision_parts else ():  # Hara's 7x7x7 stem
+            stem = torch.nn.Sequential(torch.nn.Conv3d(3, 64, 7, (1, 2, 2), 3, bias=False), torch.nn.BatchNorm3d(64),
+                                       torch.nn.ReLU(inplace=True), torch.nn.MaxPool3d(3, 2, 1))
+            net = VideoResNet(BasicBlock, [Conv3DSimple] * 4, [2, 2, 2, 2], lambda: stem)  # BasicBlocks [2, 2, 2, 2]
+            encoder.backbone = torch.nn.Sequential(*list(net.children())[:5])  # stem, layer1..4: no pooling head
+            encoder.backbone.out_channels = 512
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-3, momentum=0.9)
+        steps.append(lambda m=model, o=optimizer: pretrain.train_step(m, views, torch.arange(len(views)), o, scaler,
+                                                                      step_args, None))
+    print(f"wall time, {torch.get_num_threads()} threads, medians of {2 * args.repeat + 1} alternating steps")
+    print_ratios([("DSM step, r3d18, 4 triplets of 8x64x64", "the same from torchvision's parts",
+                   *side_by_side(*steps, args.repeat), "<= 1.1")])
 
 
 def peak_memory_of(fn: Callable[[], object]) -> tuple[float, int]:
@@ -423,17 +431,6 @@ def _gpu_commands(layout: list[str], workers: int, out: str, paper: list[str] = 
     return runs
 
 
-def _gpu_print(name: str, row: dict) -> None:
-    """One row: triplets/s (pretrain) or clips/s (finetune), data wait and GPU share, peak memory, wall time."""
-    if "error" in row:
-        print(f"{name:<42} FAILED after {row['wall_s']:.0f} s: {row['error']}", flush=True)
-        return
-    per_s, wait, peak = row.get("clips_per_s"), row.get("data_wait"), row.get("peak_gpu_gib")
-    cells = [f"{per_s:10.1f}" if per_s else " " * 10, f"{wait:9.0%}" if wait is not None else " " * 9,
-             f"{1 - wait:9.0%}" if wait is not None else " " * 9, f"{peak:8.2f}" if peak is not None else " " * 8]
-    print(f"{name:<42} {' '.join(cells)} {row['wall_s']:7.0f}", flush=True)
-
-
 def bench_gpu(args: argparse.Namespace) -> None:
     """The CUDA paths on this machine's GPU, one table (about 5 minutes): device path vs CPU path (views, flow);
     pretrain.py at the paper's setting (i3d, 224, 16 x 4, batch 8) in fp32, --amp, --channels-last, b/s/t on GPU or
@@ -454,16 +451,19 @@ def bench_gpu(args: argparse.Namespace) -> None:
         print(f"{'run (' + str(workers) + ' workers)':<42} {'samples/s':>10} {'data wait':>9} {'GPU share':>9} "
               f"{'peak GiB':>8} {'wall s':>7}", flush=True)
         for name, (command, out, log) in _gpu_commands(layout, workers, args.out).items():
-            report[name] = _gpu_stage(command, out, log)
-            _gpu_print(name, report[name])
+            row = report[name] = _gpu_stage(command, out, log)
+            per_s, wait, peak = row.get("clips_per_s"), row.get("data_wait"), row.get("peak_gpu_gib")
+            cells = [f"{per_s:10.1f}" if per_s else " " * 10, f"{wait:9.0%}" if wait is not None else " " * 9,
+                     f"{1 - wait:9.0%}" if wait is not None else " " * 9, f"{peak:8.2f}" if peak else " " * 8]
+            print(f"{name:<42} " + (f"FAILED after {row['wall_s']:.0f} s: {row['error']}" if "error" in row
+                                    else f"{' '.join(cells)} {row['wall_s']:7.0f}"), flush=True)
             save()
     print(f"-> {os.path.join(args.out, 'gpu.json')}")
 
 
-# ---- the command line: one subcommand per bench, its first docstring line in --help --
-BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {"augment": bench_augment, "data": bench_data,
-                                                             "retrieval": bench_retrieval, "results": bench_results,
-                                                             "gpu": bench_gpu}
+BENCHES: dict[str, Callable[[argparse.Namespace], None]] = {
+    "augment": bench_augment, "data": bench_data, "train": bench_train, "retrieval": bench_retrieval,
+    "results": bench_results, "gpu": bench_gpu}
 REPEAT = ("--repeat", int, argparse.SUPPRESS, "timed repetitions, median reported (default: 5)")
 FLAGS = {  # (flag, type, default, help) of each bench; a list default takes one or more values
     "retrieval": [("--gallery", int, 10000, "gallery items M (default: 10000)"),

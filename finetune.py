@@ -9,8 +9,8 @@ splits (Table 1). Writes OUT/results.json (clip/video top-1/top-5 %, per_class_t
     python pretrain.py && python finetune.py      # synthetic videos, `mini`, CPU: a few minutes after pretraining
     python finetune.py --pretrained none --out runs/finetune_scratch          # supervised from scratch
     python finetune.py --static --out runs/finetune_static && python finetune.py --compare runs/finetune runs/finetune_static
-    torchrun --nproc_per_node=8 finetune.py --dataset hmdb51 --root HMDB51 --split-dir HMDB51/splits \\
-        --arch i3d --pretrained runs/k400_i3d/checkpoint.pth --split all --amp --out runs/hmdb_i3d
+    torchrun --nproc_per_node=8 finetune.py --dataset hmdb51 --root HMDB51 --split-dir HMDB51/testTrainMulti_7030_splits \\
+        --arch i3d --size 224 --pretrained runs/k400_i3d/checkpoint.pth --split all --amp --out runs/hmdb_i3d
 """
 import argparse
 import json

@@ -1,7 +1,7 @@
 """The networks of DSM (paper: "Networks"; retrieval features: "Video Retrieval") and checkpoint I/O.
 
 build_backbone(arch) is f: (B, 3, T, H, W) -> last feature map for the paper's C3D, I3D, R3D-34, plus R3D-18 and `mini`
-(a CPU-sized R3D), layers named as in each net's public code. Check: `pytest test_dsm.py -k models`, `bench.py model`.
+(a CPU-sized R3D), layers named as in each net's public code. Check: `pytest test_dsm.py -k models`, `bench.py train`.
 """
 import os
 from collections import OrderedDict

@@ -12,7 +12,7 @@ queue holds its embeddings of other videos, as in MoCo (He et al. 2020).
 
 Run:
     python pretrain.py                       # built-in synthetic videos, `mini` net, CPU
-    torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --root K400 --split-dir K400 \\
+    torchrun --nproc_per_node=8 pretrain.py --dataset kinetics --root K400_256 --split-dir K400/annotations \\
         --arch i3d --size 224 --batch-size 128 --amp --out runs/k400_i3d
 """
 import argparse

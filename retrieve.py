@@ -5,8 +5,8 @@ The frozen backbone's last feature map is adaptive-max-pooled to C x 2 x 7 x 7 (
 (Clip Order, VCP) rank VIDEOS, the mean of 10 uniformly spaced clips' features: our default (--clip-level: clips).
 
     python pretrain.py && python retrieve.py                         # synthetic, `mini`, CPU
-    python retrieve.py --dataset ucf101 --root UCF101 --split-dir UCF101/splits --arch i3d --size 224 \\
-        --pretrained runs/ucf_i3d/checkpoint.pth --save-features --out runs/retrieval_ucf
+    python retrieve.py --dataset ucf101 --root UCF101/videos --split-dir UCF101/ucfTrainTestlist --arch i3d \\
+        --size 224 --pretrained runs/k400_i3d/checkpoint.pth --save-features --out runs/retrieval_ucf
 """
 import argparse
 import hashlib

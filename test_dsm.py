@@ -706,7 +706,7 @@ def test_augment_farneback_torch_matches_opencv(clip):
                                         for t in range(T - 1)])).permute(0, 3, 1, 2)
     assert ours.shape == theirs.shape == (T - 1, 2, H, W)
     assert theirs.norm(dim=1).amax() > 1.5  # there is motion to get right
-    assert (ours - theirs).norm(dim=1).mean() < 1e-3  # mean EPE in px; measured ~1e-6 (bench.py flow)
+    assert (ours - theirs).norm(dim=1).mean() < 1e-3  # mean EPE in px; measured ~1e-6 (docs/RESULTS.md)
     assert augment.farneback_scales(224, 224, 0.5, 3) == [1.0, 0.5, 0.25]  # OpenCV skips sides below 32
     with pytest.raises(ValueError, match="flags"):
         augment.farneback_torch(torch.zeros(1, 2, 32, 32), flags=256)

@@ -8,7 +8,7 @@ a number: the heat's share in the object's box, next to chance; --eval averages 
 
     python visualize.py --pretrained runs/pretrain/checkpoint.pth --probe static   # a synthetic test video
     python visualize.py --pretrained CKPT --arch i3d --size 224 --video v.avi --out vis
-    python visualize.py --eval --pretrained none runs/moco/checkpoint.pth runs/dsm/checkpoint.pth \\
+    python visualize.py --eval --pretrained none runs/moco/checkpoint.pth runs/pretrain/checkpoint.pth \\
         --names random moco dsm --clip-len 8 --stride 2
 Writes OUT/NAME[_PROBE]_heat.mp4, _sheet.png, _response.csv and _response.png; with --eval OUT/eval.json and a table.
 """
