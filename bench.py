@@ -223,29 +223,29 @@ ABLATION_ROWS = {"S-warp only": ("swarp", ["--negative=none"]), "S-warp + T-shif
 TARGETS = [("DSM", "random init", "kNN motion", 10, 10), ("DSM", "MoCo baseline", "kNN motion", 10, 0.25),
            ("MoCo baseline", "DSM", "kNN scene", 0, 0.25), ("DSM (Triplet)", "MoCo baseline", "kNN motion", 10, 10),
            ("DSM", "supervised", "fine-tune top-1", 10, 10), ("DSM", "MoCo baseline", "fine-tune top-1", 0.25, None)]
+RUN_CELLS = {"full": [("fine-tune top-1", "video_top1"), ("fine-tune train top-1", "train_video_top1")],
+             "linear": [("linear top-1", "video_top1"), ("linear train top-1", "train_video_top1")],
+             "retrieve": [("R@1", "recall@1"), ("R@5", "recall@5")]}  # the table's columns from each run's results.json
 RESULT_SHARED_FLAGS = ("num-train", "num-test", "size", "clip-len", "stride", "batch-size", "workers")  # every stage
 
 
 def _results_stage(script: str, flags: list[str], out: str) -> None:
     """python SCRIPT FLAGS --out OUT unless OUT/results.json exists (pretrain.py's --resume skips finished epochs)."""
-    if os.path.exists(os.path.join(out, "results.json")):
-        print(f"[results] have {out}/results.json")
-        return
-    command = [sys.executable, script, *flags, f"--out={out}"]
-    print(f"[results] {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True, cwd=HERE)
+    done, command = os.path.exists(os.path.join(out, "results.json")), [sys.executable, script, *flags, f"--out={out}"]
+    print(f"[results] have {out}/results.json" if done else f"[results] {' '.join(command[1:])}", flush=True)
+    if not done:
+        subprocess.run(command, check=True, cwd=HERE)
 
 
-def _results_one_seed(opts: argparse.Namespace, seed: int, ablation: bool) -> dict[str, dict[str, float]]:
+def _results_one_seed(opts: argparse.Namespace, seed: int, ablation: bool,
+                      probes: bool = True) -> dict[str, dict[str, float]]:
     """Every run of one seed into OUT/seedS/<row>/... (Table 4 rows only with `ablation`), then every row's cells."""
     flag = lambda name, value: [] if value is None else [f"--{name}={value}"]
-    shared = [f"--seed={seed}", f"--data-seed={seed}"]  # a new draw of the synthetic videos and of the run
-    for name in RESULT_SHARED_FLAGS:
-        shared += flag(name, getattr(opts, name.replace("-", "_")))
+    shared = [f"--seed={seed}", f"--data-seed={seed}"] + [  # a new draw of the synthetic videos and of the run
+        f for name in RESULT_SHARED_FLAGS for f in flag(name, getattr(opts, name.replace("-", "_")))]
     finetune = [*shared, "--eval-train", "--resume", *flag("epochs", opts.finetune_epochs)]
     pretraining = [*shared, "--resume", *flag("epochs", opts.pretrain_epochs), *flag("moco-k", opts.moco_k)]
-    rows = RESULT_ROWS | ABLATION_ROWS
-    folder = {row: os.path.join(opts.out, f"seed{seed}", name) for row, (name, _) in rows.items()}
+    folder = {row: os.path.join(opts.out, f"seed{seed}", f) for row, (f, _) in (RESULT_ROWS | ABLATION_ROWS).items()}
     # supervised = fine-tuning every weight from random init; its backbone is then probed like the others
     _results_stage("finetune.py", [*finetune, "--protocol=full", "--pretrained=none"],
                    os.path.join(folder["supervised"], "full"))
@@ -256,7 +256,7 @@ def _results_one_seed(opts: argparse.Namespace, seed: int, ablation: bool) -> di
             backbone[row] = os.path.join(folder[row], "checkpoint.pth")
             _results_stage("finetune.py", [*finetune, "--protocol=full", f"--pretrained={backbone[row]}"],
                            os.path.join(folder[row], "full"))
-    for row, path in backbone.items():
+    for row, path in backbone.items() if probes else ():
         _results_stage("finetune.py", [*finetune, "--protocol=linear", f"--pretrained={path}"],
                        os.path.join(folder[row], "linear"))
         _results_stage("retrieve.py", [*shared, f"--pretrained={path}"], os.path.join(folder[row], "retrieve"))
@@ -269,12 +269,11 @@ def _results_one_seed(opts: argparse.Namespace, seed: int, ablation: bool) -> di
         last, twin = _record(log) if os.path.exists(log) else {}, "_random_init" if random_init else ""
         cells[row] = {"kNN motion": last.get(f"knn_top1{twin}", np.nan),
                       "kNN scene": last.get(f"knn_scene_top1{twin}", np.nan)}
-        if row in backbone:
-            linear, full, retrieval = (_record(os.path.join(folder[of], run, "results.json")) for of, run in (
-                (row, "linear"), ("supervised" if random_init else row, "full"), (row, "retrieve")))
-            cells[row] |= {"linear top-1": linear["video_top1"], "linear train top-1": linear["train_video_top1"],
-                           "fine-tune top-1": full["video_top1"], "fine-tune train top-1": full["train_video_top1"],
-                           "R@1": retrieval["recall@1"], "R@5": retrieval["recall@5"]}
+        where = lambda run: folder["supervised" if random_init and run == "full" else row]
+        runs = {run: _record(os.path.join(where(run), run, "results.json")) for run in RUN_CELLS
+                if row in backbone and (probes or run == "full")}
+        cells[row] |= {column: runs[run][key] for run, columns in RUN_CELLS.items() if run in runs
+                       for column, key in columns}
     return cells
 
 
@@ -324,17 +323,16 @@ def _cell(values: list[float]) -> str:
 
 def bench_results(args: argparse.Namespace) -> None:
     """The README's synthetic results table and its figure (every stage, hours).
-
     Rows: random init, supervised, MoCo baseline, DSM (Triplet), DSM, then a miniature Table 4 (kNN only). Runs land
     in OUT/seedS/<row>/... and a killed table resumes; the table and targets go to OUT/table.md, the plot to --figure.
-
         python bench.py results --seeds 0 1 2    # mean +- std; 21 runs a seed (17 past --ablation-seeds)
         python bench.py results --pretrain-epochs 1 --finetune-epochs 1 --num-train 32 --num-test 16 --size 32 \\
             --clip-len 4 --batch-size 8 --moco-k 16 --out /tmp/results_smoke --figure /tmp/results_smoke.png  # smoke
     """
-    for seed in args.seeds:  # the main rows of every seed before any Table 4 row: they are the claim
-        _results_one_seed(args, seed, ablation=False)
-    per_seed = [_results_one_seed(args, seed, i < args.ablation_seeds) for i, seed in enumerate(args.seeds)]
+    for i, seed in enumerate(args.seeds):  # the main rows of every seed before any Table 4 row: they are the claim
+        _results_one_seed(args, seed, False, i < args.probe_seeds)
+    per_seed = [_results_one_seed(args, seed, i < args.ablation_seeds, i < args.probe_seeds)
+                for i, seed in enumerate(args.seeds)]
     columns = list(per_seed[0]["random init"])
     lines = [f"| | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for row in per_seed[0]:
@@ -471,6 +469,7 @@ FLAGS = {  # (flag, type, default, help) of each bench; a list default takes one
                   ("--dim", int, 50000, "feature size D (default: 50000)")],
     "results": [("--seeds", int, [0], "a table each, then mean +- std (default: 0)"),
                 ("--ablation-seeds", int, 3, "the Table 4 rows on the first N of the seeds only (default: 3)"),
+                ("--probe-seeds", int, 99, "linear probes and retrievals on the first N seeds only (default: all)"),
                 ("--pretrain-epochs", int, None, "every pretraining (default: pretrain.py's, 6 on synthetic)"),
                 ("--finetune-epochs", int, None, "every probe and fine-tuning (default: finetune.py's, 24)"),
                 ("--out", str, "runs/results", "run folder (default: runs/results)"),
