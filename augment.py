@@ -225,6 +225,7 @@ def scale_motion(clip: Tensor, flow: Tensor, phi: Tensor) -> Tensor:
     return out.reshape(clip.shape)
 
 
+# ---- the triplet a, p, n -------------------------------------------------------
 class DSMTriplet:
     """transform(clip, shifted, rng) -> (3, C, T, size, size): anchor a, positive p, negative n. positive: "tps"
     p = s(b(c2)) | "none" p = b(c2) (MoCo's second view). negative: "disturb" (M-disturb) n = flow-scaled b(c3), c3 of
@@ -329,6 +330,7 @@ class ClipTransform:
         return normalise_(resize_crop(clip, ((H - side) // 2, (W - side) // 2, side, side), self.size))
 
 
+# ---- the device path: workers decode and draw, the GPU applies b, s, t to a batch --
 def worker_init(worker_id: int) -> None:
     """DataLoader workers run one thread each: torch sets its own, OpenCV's must be set here."""
     cv2.setNumThreads(1)
