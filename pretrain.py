@@ -662,7 +662,8 @@ def main(argv: list[str] | None = None) -> None:
         if is_main():  # and f_q's backbone alone, for finetune.py and retrieve.py
             models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
                                    os.path.join(args.out, "backbone.pth"))
-    if world > 1:
+    if world > 1:  # every rank done with gloo/NCCL before any tears it down: a rank leaving early can abort another
+        dist.barrier()
         dist.destroy_process_group()
 
 
