@@ -248,9 +248,10 @@ def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoS
     frames_per_tick = float(stream.time_base * rate) if rate else 0.0
     out, j, last, last_index = {}, 0, None, -1
     for count, frame in enumerate(container.decode(stream)):
-        if (frame.pts is None or not rate) and seeked:
+        stamped = frame.pts is not None and rate
+        if not stamped and seeked:
             return None
-        index = count if frame.pts is None or not rate else round((frame.pts - start) * frames_per_tick)
+        index = round((frame.pts - start) * frames_per_tick) if stamped else count
         if last is None and seeked and index > wanted[0]:
             return None
         while j < len(wanted) and wanted[j] <= index:

@@ -320,9 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
         if is_main():
             write_json(os.path.join(args.out, "results.json"), summary)
             print(f"mean of splits 1-3: video top-1 {summary['video_top1']:.1f}% -> {args.out}/results.json")
-    if world > 1:  # every rank done with gloo/NCCL before any tears it down: a rank leaving early can abort another
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    pretrain.teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -43,10 +43,9 @@ SYNTHETIC_DEFAULTS = dict(arch="mini", epochs=6, batch_size=16, moco_k=512, moco
 PAPER_DEFAULTS = dict(arch="i3d", epochs=200, batch_size=128, moco_k=6536, moco_t=0.07, optimizer="sgd", lr=0.003,
                       knn_every=0)
 EMBEDDING_DIM = 128  # D of z_a, z_p, z_n and the queue (paper)
-# m of f_k on the synthetic demo when Eq. 7 meets an intra-video negative: in its 300 steps f_k at m = 0.99 lags
-# ~100 steps behind f_q, and Eq. 7 weighs f_q(a).f_q(n) against f_q(a).f_k(p) across that lag (n then takes more of
-# the softmax than p). MoCo and Eq. 5 alone keep the paper's 0.99: on the two tuning seeds no other m beat it on both
-# (docs/RESULTS.md).
+# m of f_k on the synthetic demo when Eq. 7 meets an intra-video negative: in its 300 steps f_k at m = 0.99 lags ~100
+# steps behind f_q, and Eq. 7 weighed f_q(a).f_q(n) against f_q(a).f_k(p) across that lag (n took more than p). MoCo
+# and Eq. 5 alone keep the paper's 0.99: on two tuning seeds no other m beat it on both (docs/RESULTS.md).
 SYNTHETIC_EQ7_MOMENTUM = 0.95
 SGD_MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4  # paper, Pre-training Settings
 LR_STEPS = (0.4, 0.6, 0.8)  # x0.1 at these fractions of the epochs: 80, 120, 160 of 200 (paper)
@@ -79,6 +78,13 @@ def setup_distributed(workers: int = 0) -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def teardown_distributed() -> None:
+    """Every rank done with gloo/NCCL before any tears it down: a rank that leaves early can abort another."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
@@ -662,9 +668,7 @@ def main(argv: list[str] | None = None) -> None:
         if is_main():  # and f_q's backbone alone, for finetune.py and retrieve.py
             models.save_checkpoint({"arch": args.arch, "state_dict": model.encoder_q.backbone.state_dict()},
                                    os.path.join(args.out, "backbone.pth"))
-    if world > 1:  # every rank done with gloo/NCCL before any tears it down: a rank leaving early can abort another
-        dist.barrier()
-        dist.destroy_process_group()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                               else models.load_backbone(args.pretrained, args.arch), args, device)
     gallery, gallery_labels, train_skipped, train_cached = split_features(backbone, args, True, rank, world, device)
     query, query_labels, test_skipped, test_cached = split_features(backbone, args, False, rank, world, device)
-    if world > 1:  # every rank done with gloo/NCCL before any tears it down: a rank leaving early can abort another
-        dist.barrier()
-        dist.destroy_process_group()
+    pretrain.teardown_distributed()
     if rank != 0:  # rank 0 alone holds the gathered features
         return None
     results = recall_at_k(query, query_labels, gallery, gallery_labels, tuple(args.ks))

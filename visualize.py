@@ -208,27 +208,12 @@ def load_model(path: str, args: argparse.Namespace) -> torch.nn.Module:
     return backbone.to(args.device).eval()
 
 
-def show(name: str, backbone: torch.nn.Module, case: Case, args: argparse.Namespace) -> None:
-    """The overlay video, a sheet of 8 frames (input above, overlay below), the response csv and curve; box masses."""
-    heat, response, starts = video_heat(backbone, case.frames, args.clip_len, args.stride, args.window_stride,
-                                        args.device, args.batch_size)
-    L = len(heat)
-    frames, shown = case.frames[:L], overlay(case.frames[:L], heat)
-    prefix = name if args.probe == "none" else f"{name}_{args.probe}"
-    print(f"{name}: {len(starts)} windows over {L} frames -> {args.out}/{prefix}_*")
-    for boxes, colour, what in [(case.boxes, (255, 255, 255), "moving object's box"),
-                                (case.patch, (255, 0, 255), "pasted still patch")]:
-        if boxes is not None:
-            for image, (x0, y0, x1, y1) in zip(shown, boxes):  # the box's border; unlike cv2.rectangle it wraps
-                inner = (x0 + 1, y0 + 1, x1 - 1, y1 - 1)  # the pixels whose four neighbours are all inside
-                image[box_mask((x0, y0, x1, y1), *image.shape[:2]) & ~box_mask(inner, *image.shape[:2])] = colour
-            mass, chance = box_mass(heat, boxes[:L]), box_mass(np.ones_like(heat), boxes[:L])
-            print(f"  heat mass in the {what} {mass:.3f} (chance {chance:.3f}, ratio {mass / chance:.2f})")
-    k = args.zoom or max(1, 256 // min(frames.shape[1:3]))
-    frames, shown = (x.repeat(k, axis=1).repeat(k, axis=2) for x in (frames, shown))  # nearest: stays sharp
-    base, H, W = os.path.join(args.out, prefix), shown.shape[1] // 2 * 2, shown.shape[2] // 2 * 2  # yuv420p: even
+def write_outputs(base: str, frames: np.ndarray, shown: np.ndarray, starts: list[int], response: np.ndarray,
+                  fps: int) -> None:
+    """BASE_heat.mp4 (the overlay), _sheet.png (8 frames, input above, overlay below), _response.csv and .png."""
+    H, W = shown.shape[1] // 2 * 2, shown.shape[2] // 2 * 2  # yuv420p: even sizes
     with av.open(base + "_heat.mp4", "w") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=args.fps)
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         for image in shown:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:H, :W]), "rgb24")))
@@ -248,6 +233,27 @@ def show(name: str, backbone: torch.nn.Module, case: Case, args: argparse.Namesp
     ax.set(xlabel="window start frame", ylabel="response", ylim=(-0.05, 1.05), title="min-max over the video")
     ax.figure.tight_layout()
     ax.figure.savefig(base + "_response.png")
+
+
+def show(name: str, backbone: torch.nn.Module, case: Case, args: argparse.Namespace) -> None:
+    """Fig. 5 for one case: the heat, its mass in the object's (and a pasted patch's) box, then write_outputs."""
+    heat, response, starts = video_heat(backbone, case.frames, args.clip_len, args.stride, args.window_stride,
+                                        args.device, args.batch_size)
+    L = len(heat)
+    frames, shown = case.frames[:L], overlay(case.frames[:L], heat)
+    prefix = name if args.probe == "none" else f"{name}_{args.probe}"
+    print(f"{name}: {len(starts)} windows over {L} frames -> {args.out}/{prefix}_*")
+    for boxes, colour, what in [(case.boxes, (255, 255, 255), "moving object's box"),
+                                (case.patch, (255, 0, 255), "pasted still patch")]:
+        if boxes is not None:
+            for image, (x0, y0, x1, y1) in zip(shown, boxes):  # the box's border; unlike cv2.rectangle it wraps
+                inner = (x0 + 1, y0 + 1, x1 - 1, y1 - 1)  # the pixels whose four neighbours are all inside
+                image[box_mask((x0, y0, x1, y1), *image.shape[:2]) & ~box_mask(inner, *image.shape[:2])] = colour
+            mass, chance = box_mass(heat, boxes[:L]), box_mass(np.ones_like(heat), boxes[:L])
+            print(f"  heat mass in the {what} {mass:.3f} (chance {chance:.3f}, ratio {mass / chance:.2f})")
+    k = args.zoom or max(1, 256 // min(frames.shape[1:3]))
+    frames, shown = (x.repeat(k, axis=1).repeat(k, axis=2) for x in (frames, shown))  # nearest: stays sharp
+    write_outputs(os.path.join(args.out, prefix), frames, shown, starts, response, args.fps)
 
 
 def run_eval(backbones: dict[str, torch.nn.Module], source: data.SyntheticVideos, args: argparse.Namespace) -> None:
